@@ -1,0 +1,81 @@
+"""All configuration of the pipeline, in one pydantic-settings class (env prefix `LIPSYNC_`).
+
+Defaults run against local services; secrets are `SecretStr` so they never print.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from pydantic import AliasChoices, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LIPSYNC_", extra="ignore")
+
+    # fal: FAL_KEY is the fal ecosystem's own variable, so it carries no prefix.
+    fal_key: SecretStr = Field(
+        default=SecretStr(""), validation_alias=AliasChoices("FAL_KEY", "LIPSYNC_FAL_KEY")
+    )
+    fal_queue_url: str = "https://queue.fal.run"
+    fal_app: str = "fal-ai/sync-lipsync/v3"
+    # Public base URL of a gateway that receives fal webhooks; empty = poll only.
+    fal_webhook_url: str = ""
+
+    broker_url: str = "redis://localhost:6379/0"
+    redis_url: str = "redis://localhost:6379/0"
+    key_prefix: str = "lipsync"
+
+    s3_endpoint_url: str = ""
+    s3_bucket: str = "lipsync"
+    s3_region: str = "us-east-1"
+    staging_prefix: str = "staging"
+    output_prefix: str = "outputs"
+    upload_prefix: str = "uploads"
+
+    # Hosts the guarded fetcher may reach although they resolve to private addresses.
+    allow_private_urls: str = ""
+
+    # Limits.
+    max_input_bytes: int = 2 * 1024**3
+    max_duration_s: float = 30 * 60.0
+    max_width: int = 4096
+    max_height: int = 4096
+    fetch_timeout_s: float = 300.0
+    job_deadline_s: float = 2 * 3600.0
+    presign_ttl_s: int = 6 * 3600
+    max_in_flight: int = 10_000
+    submits_per_second: float = 20.0
+
+    # Polling: exponential backoff with jitter, claimed under a short lease.
+    poll_initial_s: float = 1.0
+    poll_max_s: float = 30.0
+    poll_lease_s: float = 60.0
+    # A transfer task may wait in a busy queue; its dispatch lease covers that wait.
+    transfer_lease_s: float = 300.0
+    heartbeat_s: float = 10.0
+    dispatch_interval_s: float = 0.25
+    dispatch_batch: int = 500
+
+    # Retries of transient errors, per stage.
+    max_retries: int = 8
+    retry_base_s: float = 1.0
+    retry_max_s: float = 60.0
+
+    # Worker.
+    transfer_concurrency: int = 4
+    api_concurrency: int = 8
+    http_timeout_s: float = 30.0
+    run_dispatcher: bool = True
+    work_dir: str = ""  # temp files for media in transit; empty = the system's temp dir
+
+    def allowed_private_hosts(self) -> frozenset[str]:
+        return frozenset(
+            host.strip().lower() for host in self.allow_private_urls.split(",") if host.strip()
+        )
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,1 @@
+"""Shared domain and adapters of the lipsync pipeline."""

@@ -1,0 +1,241 @@
+"""A small client for fal's queue API: submit, status, result, cancel.
+
+The protocol facts live here and nowhere else. The one decision that matters for money is
+made in `submit`: an error that proves no request was created is retryable; anything that
+may have created one (the answer was lost) is `SubmitOutcomeUnknown`, never re-POSTed.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import time
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+import httpx
+from pydantic import SecretStr
+
+from lipsync.errors import FalError, InvalidInput, PermanentError, RetryableError
+from lipsync.models import FalLog, FalRequest
+
+# Statuses that say "try again" without anything having happened (RETRY_CODES in fal-client).
+_RETRY_STATUS = frozenset({408, 409, 429})
+_INGRESS_STATUS = frozenset({502, 503, 504})
+MARKER_HEADER = "X-Lipsync-Job-Id"
+
+
+class SubmitOutcomeUnknown(PermanentError):
+    """The submit was sent but its answer was lost: fal may or may not have created a request."""
+
+    code = "submit_outcome_unknown"
+
+
+class QueueState(StrEnum):
+    in_queue = "IN_QUEUE"
+    in_progress = "IN_PROGRESS"
+    completed = "COMPLETED"
+
+
+@dataclass(frozen=True)
+class QueueStatus:
+    state: QueueState
+    queue_position: int | None = None
+    logs: list[FalLog] = field(default_factory=list)
+    inference_time: float | None = None
+    error: str | None = None
+    error_type: str | None = None
+
+
+class CancelOutcome(StrEnum):
+    requested = "CANCELLATION_REQUESTED"
+    already_completed = "ALREADY_COMPLETED"
+    not_found = "NOT_FOUND"
+
+
+def retry_after_seconds(response: httpx.Response) -> float | None:
+    value = response.headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        parsed = email.utils.parsedate_to_datetime(value)
+        return max(0.0, parsed.timestamp() - time.time())
+
+
+def is_ingress_error(response: httpx.Response) -> bool:
+    """A 502/503/504 from fal's ingress (nginx), before any fal service saw the request."""
+    return (
+        response.status_code in _INGRESS_STATUS
+        and "x-fal-request-id" not in response.headers
+        and "nginx" in response.text.lower()
+    )
+
+
+def _detail(response: httpx.Response) -> str:
+    """fal's error body in words: `detail` may be a string or a list of validation errors."""
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text[:300] or response.reason_phrase
+    detail = body.get("detail", body) if isinstance(body, dict) else body
+    if isinstance(detail, list):
+        parts = []
+        for item in detail:
+            if isinstance(item, dict):
+                loc = ".".join(str(p) for p in item.get("loc", []) if p != "body")
+                parts.append(f"{loc}: {item.get('msg', item)}" if loc else str(item.get("msg")))
+            else:
+                parts.append(str(item))
+        return "; ".join(parts)
+    return str(detail)
+
+
+class FalQueueClient:
+    def __init__(
+        self,
+        *,
+        queue_url: str,
+        app: str,
+        key: SecretStr,
+        timeout_s: float = 30.0,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self.queue_url = queue_url.rstrip("/")
+        self.app = app.strip("/")
+        self._key = key
+        self._http = httpx.Client(
+            timeout=httpx.Timeout(timeout_s, connect=min(10.0, timeout_s)),
+            limits=httpx.Limits(max_connections=64, max_keepalive_connections=32),
+            transport=transport,
+        )
+
+    def close(self) -> None:
+        self._http.close()
+
+    def _headers(self) -> dict[str, str]:
+        return {"Authorization": f"Key {self._key.get_secret_value()}"}
+
+    # submit ----------------------------------------------------------------
+    def submit(
+        self, arguments: dict[str, Any], *, marker: str, webhook_url: str | None = None
+    ) -> FalRequest:
+        params = {"fal_webhook": webhook_url} if webhook_url else None
+        headers = {**self._headers(), MARKER_HEADER: marker}
+        try:
+            response = self._http.post(
+                f"{self.queue_url}/{self.app}", json=arguments, params=params, headers=headers
+            )
+        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+            # Nothing reached fal: safe to try again.
+            raise RetryableError(f"could not connect to fal: {type(exc).__name__}") from None
+        except httpx.TransportError as exc:
+            raise SubmitOutcomeUnknown(
+                "the submit reached fal but its answer was lost "
+                f"({type(exc).__name__}); fal may have created a request, so it was not sent "
+                "again to avoid paying twice. Check fal's dashboard, then `lipsync retry` "
+                "the job to submit it anew."
+            ) from None
+        if response.status_code == 200:
+            body = response.json()
+            return FalRequest(
+                request_id=body["request_id"],
+                status_url=body["status_url"],
+                response_url=body["response_url"],
+                cancel_url=body["cancel_url"],
+                queue_position=body.get("queue_position"),
+            )
+        raise self._error(response, "submit")
+
+    # status / result / cancel --------------------------------------------------
+    def status(self, request: FalRequest, *, with_logs: bool = True) -> QueueStatus:
+        response = self._get(request.status_url, params={"logs": "1" if with_logs else "0"})
+        if response.status_code not in (200, 202):
+            raise self._error(response, "status")
+        body = response.json()
+        state = QueueState(body["status"])
+        logs = [FalLog.model_validate(entry) for entry in body.get("logs") or []]
+        metrics = body.get("metrics") or {}
+        return QueueStatus(
+            state=state,
+            queue_position=body.get("queue_position"),
+            logs=logs,
+            inference_time=metrics.get("inference_time"),
+            error=body.get("error"),
+            error_type=body.get("error_type"),
+        )
+
+    def result(self, request: FalRequest) -> dict[str, Any]:
+        response = self._get(request.response_url)
+        if response.status_code == 200:
+            body: dict[str, Any] = response.json()
+            return body
+        if response.status_code == 400 and "in progress" in _detail(response).lower():
+            raise RetryableError("fal says the result is not ready yet", delay=1.0)
+        raise self._error(response, "result")
+
+    def cancel(self, request: FalRequest) -> CancelOutcome:
+        try:
+            response = self._http.put(request.cancel_url, headers=self._headers())
+        except httpx.TransportError as exc:
+            raise RetryableError(f"could not reach fal to cancel: {type(exc).__name__}") from None
+        if response.status_code == 202:
+            return CancelOutcome.requested
+        if response.status_code == 400:
+            return CancelOutcome.already_completed
+        if response.status_code == 404:
+            return CancelOutcome.not_found
+        raise self._error(response, "cancel")
+
+    def _get(self, url: str, params: dict[str, str] | None = None) -> httpx.Response:
+        try:
+            return self._http.get(url, params=params, headers=self._headers())
+        except httpx.TransportError as exc:
+            # Reads are idempotent: any transport failure is worth another try.
+            raise RetryableError(f"could not reach fal: {type(exc).__name__}") from None
+
+    # errors ----------------------------------------------------------------
+    @staticmethod
+    def _error(response: httpx.Response, operation: str) -> Exception:
+        status = response.status_code
+        if status == 429 or status in _RETRY_STATUS:
+            return RetryableError(
+                f"fal asked to slow down ({status}) on {operation}",
+                code="fal_rate_limited",
+                delay=retry_after_seconds(response),
+            )
+        if is_ingress_error(response):
+            return RetryableError(
+                f"fal's ingress answered {status} on {operation}; nothing reached fal",
+                code="fal_unavailable",
+                delay=retry_after_seconds(response),
+            )
+        if status >= 500:
+            error_type = response.headers.get("x-fal-error-type")
+            return RetryableError(
+                f"fal answered {status} on {operation}"
+                + (f" ({error_type})" if error_type else "")
+                + f": {_detail(response)}",
+                code="fal_server_error",
+                delay=retry_after_seconds(response),
+            )
+        if status in (401, 403):
+            return PermanentError(
+                f"fal refused the key ({status}) on {operation}; check FAL_KEY",
+                code="fal_unauthorized",
+            )
+        if status == 422:
+            return InvalidInput(
+                f"fal rejected the input: {_detail(response)}", code="fal_validation_error"
+            )
+        if status == 404:
+            return FalError(
+                f"fal does not know this request any more ({operation} answered 404); "
+                "its result may have expired",
+                code="fal_request_gone",
+            )
+        return FalError(
+            f"fal answered {status} on {operation}: {_detail(response)}",
+            error_type=response.headers.get("x-fal-error-type"),
+        )

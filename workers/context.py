@@ -1,0 +1,68 @@
+"""Expensive clients (Redis, boto3, httpx), created once per worker process, after the fork."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import redis
+
+from config.settings import Settings, get_settings
+from lipsync.admission import AdmissionControl
+from lipsync.fal import FalQueueClient
+from lipsync.fetcher import GuardedFetcher
+from lipsync.jobstore import JobStore
+from lipsync.storage import Storage
+
+
+@dataclass
+class Context:
+    settings: Settings
+    redis: redis.Redis
+    store: JobStore
+    admission: AdmissionControl
+    storage: Storage
+    fetcher: GuardedFetcher
+    fal: FalQueueClient
+
+
+def build_context(settings: Settings) -> Context:
+    client = redis.Redis.from_url(
+        settings.redis_url, socket_timeout=10, socket_connect_timeout=5, health_check_interval=30
+    )
+    return Context(
+        settings=settings,
+        redis=client,
+        store=JobStore(client, settings.key_prefix),
+        admission=AdmissionControl(
+            client,
+            prefix=settings.key_prefix,
+            max_in_flight=settings.max_in_flight,
+            submits_per_second=settings.submits_per_second,
+        ),
+        storage=Storage(settings),
+        fetcher=GuardedFetcher(
+            allowed_private_hosts=settings.allowed_private_hosts(),
+            max_bytes=settings.max_input_bytes,
+            timeout_s=settings.fetch_timeout_s,
+        ),
+        fal=FalQueueClient(
+            queue_url=settings.fal_queue_url,
+            app=settings.fal_app,
+            key=settings.fal_key,
+            timeout_s=settings.http_timeout_s,
+        ),
+    )
+
+
+_context: Context | None = None
+_context_pid: int | None = None
+
+
+def get_context() -> Context:
+    """This process's context; a forked child builds its own rather than share sockets."""
+    global _context, _context_pid
+    if _context is None or _context_pid != os.getpid():
+        _context = build_context(get_settings())
+        _context_pid = os.getpid()
+    return _context
