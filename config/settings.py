@@ -70,6 +70,13 @@ class Settings(BaseSettings):
     run_dispatcher: bool = True
     work_dir: str = ""  # temp files for media in transit; empty = the system's temp dir
 
+    # Flower's basic auth, "user:password"; Flower refuses to start without it.
+    flower_basic_auth: SecretStr = SecretStr("")
+
+    # Logs: one line per event; JSON for log shippers.
+    log_json: bool = False
+    log_level: str = "INFO"
+
     def allowed_private_hosts(self) -> frozenset[str]:
         return frozenset(
             host.strip().lower() for host in self.allow_private_urls.split(",") if host.strip()

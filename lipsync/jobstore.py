@@ -150,7 +150,10 @@ class JobStore:
         was made from the same request; a different request under the same key is an error.
         """
         document = job.model_dump(mode="json")
-        fields = {name: json.dumps(document[name]) for name in _JSON_FIELDS}
+        # Absent, not null: "no fal request yet" must be testable with HEXISTS in Lua.
+        fields = {
+            name: json.dumps(document[name]) for name in _JSON_FIELDS if document[name] is not None
+        }
         fields["status"] = job.status.value
         fields["ts:queued"] = repr(job.created_at)
         fields["id"] = job.id

@@ -85,7 +85,13 @@ def run_stage(
         retry_later(job, stage, ctx, owner, exc.message, exc.code, exc.delay)
         return None
     except PermanentError as exc:
-        fail_job(job, ctx, JobError(code=exc.code, message=exc.message, stage=stage), owner)
+        error = JobError(
+            code=exc.code,
+            message=exc.message,
+            fal_error_type=getattr(exc, "error_type", None),
+            stage=stage,
+        )
+        fail_job(job, ctx, error, owner)
         return None
     except Exception as exc:  # a bug or an unforeseen failure: bounded retries, then words
         log.exception("job %s: unexpected error in %s", job_id, stage)

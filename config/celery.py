@@ -1,0 +1,71 @@
+"""Celery configuration for this workload, each choice with its reason.
+
+The job store and its durable schedule (Redis) are the source of truth; the broker only
+carries "look at job X now". So a lost or duplicated message costs a little latency, never
+a job or a second fal request.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from config.settings import Settings
+
+TASK_QUEUES = ("transfer", "api")
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    # Every transfer may take long (a 2 GB download): its hard limit covers fetch + upload.
+    transfer_limit = int(settings.fetch_timeout_s * 2 + 600)
+    return {
+        "broker_url": settings.broker_url,
+        # Task results are not used: the job record is the result. No backend, no result keys.
+        "result_backend": None,
+        "task_ignore_result": True,
+        # Messages carry a job id and nothing else; JSON only (no pickle from the broker).
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "task_routes": {
+            "lipsync.stage": {"queue": "transfer"},
+            "lipsync.store": {"queue": "transfer"},
+            "lipsync.submit": {"queue": "api"},
+            "lipsync.poll": {"queue": "api"},
+        },
+        "task_default_queue": "api",
+        "task_create_missing_queues": True,
+        # Ack after the task ran, and hand the message back if the worker process dies, so a
+        # kill -9 mid-stage re-runs the stage (each stage is idempotent under the job lease).
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        # One message reserved per process: a long transfer must not sit on others' work.
+        "worker_prefetch_multiplier": 1,
+        # Unacked messages come back after this long on Redis. Longer than the longest task,
+        # so a slow transfer is not run twice; a crashed worker's job is picked up much
+        # sooner by the durable schedule (its lease lapses in poll_lease_s/transfer_lease_s).
+        "broker_transport_options": {
+            "visibility_timeout": max(3600, transfer_limit * 2),
+            "socket_timeout": 10,
+            "socket_connect_timeout": 5,
+            "health_check_interval": 30,
+        },
+        "broker_connection_retry_on_startup": True,
+        "broker_connection_max_retries": None,  # ride out a Redis restart instead of exiting
+        "broker_pool_limit": 20,
+        # Time limits: api tasks are single HTTP calls; transfer tasks move media.
+        "task_annotations": {
+            "lipsync.submit": {"time_limit": 120, "soft_time_limit": 90},
+            "lipsync.poll": {"time_limit": 120, "soft_time_limit": 90},
+            "lipsync.stage": {"time_limit": transfer_limit + 60, "soft_time_limit": transfer_limit},
+            "lipsync.store": {"time_limit": transfer_limit + 60, "soft_time_limit": transfer_limit},
+        },
+        # Flower sees every task, including when it was sent.
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        "event_queue_expires": 60,
+        "event_queue_ttl": 5,
+        # Recycle prefork children now and then: PyAV/FFmpeg allocations fragment memory.
+        "worker_max_tasks_per_child": 500,
+        "worker_hijack_root_logger": False,
+        "worker_cancel_long_running_tasks_on_connection_loss": False,
+        "timezone": "UTC",
+    }

@@ -1,0 +1,5 @@
+"""Producers: the Python API, the `lipsync` CLI and batch manifests."""
+
+from producers.api import LipsyncClient
+
+__all__ = ["LipsyncClient"]

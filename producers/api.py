@@ -1,0 +1,271 @@
+"""The Python API for producers: submit, get, wait, cancel, list, retry.
+
+A producer writes the job record and sends one message carrying the job id; everything
+after that is the workers'. Errors are `lipsync.errors` exceptions with readable messages.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable, Iterable, Sequence
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import redis
+from pydantic import ValidationError
+
+from config.settings import Settings, get_settings
+from lipsync.errors import InvalidInput, InvalidTransition
+from lipsync.fal import FalQueueClient
+from lipsync.fetcher import GuardedFetcher
+from lipsync.jobstore import JobStore
+from lipsync.models import AT_FAL_STATUSES, Job, JobStatus, LipsyncInput
+from lipsync.storage import Storage
+from producers.sources import resolve_source
+
+log = logging.getLogger("lipsync.producer")
+
+# Fields a retry clears: the job starts over from staging with a fresh deadline.
+_RETRY_CLEARS = ["fal", "error", "output", "submit_claimed_at", "logs", "lease_owner", "lease_until"]
+
+
+def request_digest(request: LipsyncInput) -> str:
+    canonical = json.dumps(request.model_dump(mode="json", exclude_none=True), sort_keys=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+class LipsyncClient:
+    def __init__(self, settings: Settings | None = None) -> None:
+        self.settings = settings or get_settings()
+        self.redis = redis.Redis.from_url(
+            self.settings.redis_url, socket_timeout=10, socket_connect_timeout=5
+        )
+        self.store = JobStore(self.redis, self.settings.key_prefix)
+
+    @cached_property
+    def storage(self) -> Storage:
+        return Storage(self.settings)
+
+    @cached_property
+    def fetcher(self) -> GuardedFetcher:
+        return GuardedFetcher(
+            allowed_private_hosts=self.settings.allowed_private_hosts(),
+            max_bytes=self.settings.max_input_bytes,
+            timeout_s=self.settings.fetch_timeout_s,
+        )
+
+    @cached_property
+    def _celery(self) -> Any:
+        from workers.app import app
+
+        return app
+
+    # submit ----------------------------------------------------------------
+    def build_request(
+        self,
+        video: str,
+        audio: str,
+        *,
+        sync_mode: str | None = None,
+        options: dict[str, Any] | None = None,
+        base_dir: Path | None = None,
+    ) -> LipsyncInput:
+        """Validate the request and turn local files and data: URIs into staged URLs."""
+        fields: dict[str, Any] = {"video_url": "pending", "audio_url": "pending"}
+        if sync_mode is not None:
+            fields["sync_mode"] = sync_mode
+        if options is not None:
+            fields["options"] = options
+        self._validate(fields)  # options errors first: before uploading anything
+        for role, source in (("video", video), ("audio", audio)):
+            fields[f"{role}_url"] = resolve_source(
+                role,
+                source,
+                settings=self.settings,
+                storage=self.storage,
+                fetcher=self.fetcher,
+                base_dir=base_dir,
+            )
+        return self._validate(fields)
+
+    @staticmethod
+    def _validate(fields: dict[str, Any]) -> LipsyncInput:
+        try:
+            return LipsyncInput.model_validate(fields)
+        except ValidationError as exc:
+            from lipsync.errors import describe_validation_error
+
+            raise InvalidInput(f"invalid request: {describe_validation_error(exc)}") from None
+
+    def submit(
+        self,
+        video: str,
+        audio: str,
+        *,
+        sync_mode: str | None = None,
+        options: dict[str, Any] | None = None,
+        idempotency_key: str | None = None,
+        metadata: dict[str, str] | None = None,
+        batch_id: str | None = None,
+        base_dir: Path | None = None,
+    ) -> Job:
+        request = self.build_request(
+            video, audio, sync_mode=sync_mode, options=options, base_dir=base_dir
+        )
+        return self.submit_request(
+            request, idempotency_key=idempotency_key, metadata=metadata, batch_id=batch_id
+        )
+
+    def submit_request(
+        self,
+        request: LipsyncInput,
+        *,
+        idempotency_key: str | None = None,
+        metadata: dict[str, str] | None = None,
+        batch_id: str | None = None,
+    ) -> Job:
+        if idempotency_key is not None and not (0 < len(idempotency_key) <= 200):
+            raise InvalidInput("the idempotency key must be 1 to 200 characters long")
+        now = time.time()
+        job = Job(
+            id=self.store.new_id(),
+            status=JobStatus.queued,
+            request=request,
+            idempotency_key=idempotency_key,
+            request_digest=request_digest(request),
+            batch_id=batch_id,
+            metadata=metadata or {},
+            created_at=now,
+            updated_at=now,
+            deadline_at=now + self.settings.job_deadline_s,
+            timestamps={"queued": now},
+        )
+        job, created = self.store.create(job, dispatch_lease_s=self.settings.transfer_lease_s)
+        if created:
+            self._send("stage", job.id)
+        return job
+
+    def _send(self, task: str, job_id: str) -> None:
+        # If this message is lost, the job's schedule entry comes due and a dispatcher resends.
+        from workers.runner import QUEUE_OF
+
+        self._celery.send_task(f"lipsync.{task}", args=[job_id], queue=QUEUE_OF[task])
+
+    # read --------------------------------------------------------------------
+    def get(self, job_id: str, *, presign: bool = True) -> Job:
+        job = self.store.get(job_id)
+        if presign and job.output is not None and job.status is JobStatus.completed:
+            key = job.output.url.split("/", 3)[3]
+            job.output.presigned_url = self.storage.presign_get(key, self.settings.presign_ttl_s)
+        return job
+
+    def list(
+        self, *, status: JobStatus | None = None, batch_id: str | None = None, limit: int = 100
+    ) -> list[Job]:
+        return self.store.get_many(self.store.list_ids(status=status, batch_id=batch_id, limit=limit))
+
+    def wait(
+        self,
+        job_ids: Sequence[str],
+        *,
+        timeout_s: float | None = None,
+        interval_s: float = 0.5,
+        on_progress: Callable[[dict[str, JobStatus | None]], None] | None = None,
+    ) -> list[Job]:
+        """Block until every job is terminal (or the timeout passes); returns the jobs."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        pending = list(dict.fromkeys(job_ids))
+        while True:
+            statuses = self.store.statuses(pending)
+            if on_progress is not None:
+                on_progress(statuses)
+            missing = [job_id for job_id, status in statuses.items() if status is None]
+            if missing:
+                from lipsync.errors import JobNotFound
+
+                raise JobNotFound(f"no job with id {missing[0]!r}")
+            if all(status is not None and status.terminal for status in statuses.values()):
+                break
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+            time.sleep(interval_s)
+        return [self.get(job_id) for job_id in job_ids]
+
+    def counts(self, job_ids: Iterable[str]) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for status in self.store.statuses(job_ids).values():
+            name = status.value if status else "missing"
+            counts[name] = counts.get(name, 0) + 1
+        return counts
+
+    # change ------------------------------------------------------------------
+    def cancel(self, job_id: str) -> Job:
+        job = self.store.get(job_id)
+        if job.terminal:
+            raise InvalidTransition(f"job {job_id} is already {job.status.value}; nothing to cancel")
+        applied, before = self.store.transition(
+            job_id,
+            JobStatus.cancelled,
+            from_=[s for s in JobStatus if not s.terminal],
+            event="cancelled by the producer",
+        )
+        if not applied:
+            raise InvalidTransition(f"job {job_id} is already {before}; nothing to cancel")
+        job = self.store.get(job_id)
+        if job.fal is not None and before in AT_FAL_STATUSES | {JobStatus.submitting}:
+            self._cancel_at_fal(job)
+        from lipsync.admission import AdmissionControl
+
+        AdmissionControl(
+            self.redis,
+            prefix=self.settings.key_prefix,
+            max_in_flight=self.settings.max_in_flight,
+            submits_per_second=self.settings.submits_per_second,
+        ).release(job_id)
+        return job
+
+    def _cancel_at_fal(self, job: Job) -> None:
+        assert job.fal is not None
+        fal = FalQueueClient(
+            queue_url=self.settings.fal_queue_url,
+            app=self.settings.fal_app,
+            key=self.settings.fal_key,
+            timeout_s=self.settings.http_timeout_s,
+        )
+        try:
+            outcome = fal.cancel(job.fal)
+            self.store.transition(job.id, None, event=f"fal cancel: {outcome.value}")
+        except Exception as exc:  # the job is cancelled in our books either way
+            log.warning("job %s: could not cancel at fal: %s", job.id, exc)
+        finally:
+            fal.close()
+
+    def retry(self, job_id: str) -> Job:
+        """Start a failed or cancelled job over, from staging, with a fresh deadline."""
+        job = self.store.get(job_id)
+        if job.status not in (JobStatus.failed, JobStatus.cancelled):
+            raise InvalidTransition(
+                f"job {job_id} is {job.status.value}; only failed or cancelled jobs can be retried"
+            )
+        now = time.time()
+        applied, before = self.store.transition(
+            job_id,
+            JobStatus.queued,
+            from_=[JobStatus.failed, JobStatus.cancelled],
+            set_fields={"deadline_at": now + self.settings.job_deadline_s},
+            delete_fields=_RETRY_CLEARS + [f"attempts:retry_{s}" for s in ("stage", "submit", "poll", "store")],
+            incr={"attempts:retries": 1},
+            schedule_at=now + self.settings.transfer_lease_s,
+            event=f"retried by the producer (was {job.status.value})",
+        )
+        if not applied:
+            raise InvalidTransition(f"job {job_id} is {before}; only failed or cancelled jobs can be retried")
+        self._send("stage", job_id)
+        return self.store.get(job_id)
+
+    def close(self) -> None:
+        self.redis.close()

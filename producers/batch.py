@@ -1,0 +1,136 @@
+"""Batch manifests: JSONL or CSV of (video, audio) pairs, each line its own request.
+
+A bad line is reported with its line number and submits nothing; the good lines go on.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lipsync.errors import LipsyncError
+from lipsync.models import Job
+from producers.api import LipsyncClient
+
+_KNOWN = {"video", "audio", "video_url", "audio_url", "sync_mode", "options", "idempotency_key", "metadata"}
+
+
+@dataclass
+class BatchEntry:
+    line: int
+    video: str
+    audio: str
+    sync_mode: str | None = None
+    options: dict[str, Any] | None = None
+    idempotency_key: str | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class ManifestError:
+    line: int
+    message: str
+
+
+@dataclass
+class BatchSubmission:
+    batch_id: str
+    jobs: list[tuple[BatchEntry, Job]]
+    errors: list[ManifestError]
+
+
+def read_manifest(path: Path) -> tuple[list[BatchEntry], list[ManifestError]]:
+    if not path.is_file():
+        raise LipsyncError(f"the manifest {str(path)!r} does not exist")
+    if path.suffix.lower() == ".csv":
+        return _read_csv(path)
+    return _read_jsonl(path)
+
+
+def _entry(line: int, row: dict[str, Any]) -> BatchEntry:
+    unknown = sorted(set(row) - _KNOWN)
+    if unknown:
+        raise ValueError(f"unknown column(s) {', '.join(unknown)}; known: {', '.join(sorted(_KNOWN))}")
+    video = row.get("video") or row.get("video_url")
+    audio = row.get("audio") or row.get("audio_url")
+    if not isinstance(video, str) or not video.strip():
+        raise ValueError("no video given")
+    if not isinstance(audio, str) or not audio.strip():
+        raise ValueError("no audio given")
+    options = row.get("options")
+    if isinstance(options, str):
+        options = json.loads(options) if options.strip() else None
+    if options is not None and not isinstance(options, dict):
+        raise ValueError("options must be a JSON object")
+    metadata = row.get("metadata") or {}
+    if isinstance(metadata, str):
+        metadata = json.loads(metadata) if metadata.strip() else {}
+    if not isinstance(metadata, dict):
+        raise ValueError("metadata must be a JSON object of strings")
+    return BatchEntry(
+        line=line,
+        video=video.strip(),
+        audio=audio.strip(),
+        sync_mode=(row.get("sync_mode") or None),
+        options=options,
+        idempotency_key=(row.get("idempotency_key") or None),
+        metadata={str(k): str(v) for k, v in metadata.items()},
+    )
+
+
+def _read_jsonl(path: Path) -> tuple[list[BatchEntry], list[ManifestError]]:
+    entries, errors = [], []
+    with path.open(encoding="utf-8", errors="replace") as handle:
+        for number, text in enumerate(handle, start=1):
+            if not text.strip() or text.lstrip().startswith("#"):
+                continue
+            try:
+                row = json.loads(text)
+                if not isinstance(row, dict):
+                    raise ValueError("each line must be a JSON object")
+                entries.append(_entry(number, row))
+            except json.JSONDecodeError as exc:
+                errors.append(ManifestError(number, f"not valid JSON: {exc.msg}"))
+            except ValueError as exc:
+                errors.append(ManifestError(number, str(exc)))
+    return entries, errors
+
+
+def _read_csv(path: Path) -> tuple[list[BatchEntry], list[ManifestError]]:
+    entries, errors = [], []
+    with path.open(encoding="utf-8", errors="replace", newline="") as handle:
+        reader = csv.DictReader(handle)
+        for row in reader:
+            number = reader.line_num
+            try:
+                entries.append(_entry(number, {k.strip(): v for k, v in row.items() if k}))
+            except (ValueError, json.JSONDecodeError) as exc:
+                errors.append(ManifestError(number, str(exc)))
+    return entries, errors
+
+
+def submit_batch(client: LipsyncClient, path: Path) -> BatchSubmission:
+    entries, errors = read_manifest(path)
+    batch_id = uuid.uuid4().hex[:12]
+    jobs: list[tuple[BatchEntry, Job]] = []
+    for entry in entries:
+        try:
+            job = client.submit(
+                entry.video,
+                entry.audio,
+                sync_mode=entry.sync_mode,
+                options=entry.options,
+                idempotency_key=entry.idempotency_key,
+                metadata=entry.metadata,
+                batch_id=batch_id,
+                base_dir=path.parent,
+            )
+        except LipsyncError as exc:
+            errors.append(ManifestError(entry.line, exc.message))
+            continue
+        jobs.append((entry, job))
+    return BatchSubmission(batch_id=batch_id, jobs=jobs, errors=errors)

@@ -1,0 +1,320 @@
+"""The `lipsync` command line: submit and follow jobs, run workers, the emulator and the demo."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from lipsync.errors import LipsyncError
+from lipsync.models import Job, JobStatus
+
+console = Console(stderr=True)
+out = Console()
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _client() -> Any:
+    from producers.api import LipsyncClient
+
+    return LipsyncClient()
+
+
+def friendly_errors(function: F) -> F:
+    """Errors a person can act on, as one line and exit status 2 — never a traceback."""
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return function(*args, **kwargs)
+        except LipsyncError as exc:
+            console.print(f"[red]error:[/red] {exc.message}", highlight=False)
+            sys.exit(2)
+        except (ConnectionError, OSError) as exc:
+            console.print(f"[red]error:[/red] cannot reach a service: {exc}", highlight=False)
+            sys.exit(2)
+
+    wrapper.__name__ = function.__name__
+    wrapper.__doc__ = function.__doc__
+    return wrapper  # type: ignore[return-value]
+
+
+def _print_job(job: Job, as_json: bool) -> None:
+    if as_json:
+        out.print_json(json.dumps(job.public_dict()))
+        return
+    table = Table(show_header=False, box=None)
+    table.add_row("job", job.id)
+    table.add_row("status", _status_text(job.status))
+    table.add_row("sync_mode", job.request.effective_sync_mode.value)
+    if job.fal:
+        table.add_row("fal request", job.fal.request_id)
+        if job.fal.queue_position is not None and job.status is JobStatus.in_queue:
+            table.add_row("queue position", str(job.fal.queue_position))
+    if job.cost_estimate_usd is not None:
+        table.add_row("estimated cost", f"${job.cost_estimate_usd:.4f}")
+    if job.output:
+        table.add_row("output", job.output.url)
+        table.add_row("duration", f"{job.output.duration:.3f} s" if job.output.duration else "?")
+        if job.output.presigned_url:
+            table.add_row("download", job.output.presigned_url)
+    if job.error:
+        table.add_row("error", f"{job.error.code}: {job.error.message}")
+    for status, at in sorted(job.timestamps.items(), key=lambda item: item[1]):
+        table.add_row(f"  {status}", time.strftime("%H:%M:%S", time.localtime(at)) + f".{int(at % 1 * 1000):03d}")
+    out.print(table)
+
+
+_COLOURS = {"completed": "green", "failed": "red", "cancelled": "yellow"}
+
+
+def _status_text(status: JobStatus) -> str:
+    colour = _COLOURS.get(status.value, "cyan")
+    return f"[{colour}]{status.value}[/{colour}]"
+
+
+@click.group()
+@click.version_option(package_name="lipsync-pipeline")
+def main() -> None:
+    """Lip-sync video at volume with fal-ai/sync-lipsync/v3."""
+
+
+@main.command()
+@click.option("--video", required=True, help="https URL, s3://bucket/key, local file or data: URI")
+@click.option("--audio", required=True, help="https URL, s3://bucket/key, local file or data: URI")
+@click.option("--sync-mode", type=click.Choice(["cut_off", "loop", "bounce", "silence", "remap"]))
+@click.option("--options", "options_json", help="sync-3 options as JSON, e.g. '{\"model_mode\": \"lips\"}'")
+@click.option("--idempotency-key", help="the same key returns the same job")
+@click.option("--metadata", "metadata_json", help="your own ids as a JSON object, echoed back")
+@click.option("--wait", is_flag=True, help="wait until the job ends")
+@click.option("--timeout", type=float, default=None, help="with --wait: give up after this many seconds")
+@click.option("--json", "as_json", is_flag=True, help="print the job record as JSON")
+@friendly_errors
+def submit(
+    video: str, audio: str, sync_mode: str | None, options_json: str | None,
+    idempotency_key: str | None, metadata_json: str | None, wait: bool, timeout: float | None,
+    as_json: bool,
+) -> None:
+    """Submit one (video, audio) pair."""
+    options = _json_object("--options", options_json)
+    metadata = _json_object("--metadata", metadata_json)
+    client = _client()
+    job = client.submit(
+        video, audio, sync_mode=sync_mode, options=options, idempotency_key=idempotency_key,
+        metadata={str(k): str(v) for k, v in (metadata or {}).items()},
+    )
+    if not wait:
+        if as_json:
+            _print_job(job, True)
+        else:
+            out.print(job.id)
+        return
+    (job,) = client.wait([job.id], timeout_s=timeout)
+    _print_job(job, as_json)
+    sys.exit(0 if job.status is JobStatus.completed else 1)
+
+
+def _json_object(flag: str, text: str | None) -> dict[str, Any] | None:
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise LipsyncError(f"{flag} is not valid JSON: {exc.msg} at position {exc.pos}") from None
+    if not isinstance(value, dict):
+        raise LipsyncError(f"{flag} must be a JSON object")
+    return value
+
+
+@main.command()
+@click.argument("manifest", type=click.Path(path_type=Path))
+@click.option("--no-wait", is_flag=True, help="submit and return")
+@click.option("--timeout", type=float, default=None)
+@click.option("--json", "as_json", is_flag=True, help="print the final job records as JSON lines")
+@friendly_errors
+def batch(manifest: Path, no_wait: bool, timeout: float | None, as_json: bool) -> None:
+    """Submit every pair of a JSONL or CSV manifest, follow them, and summarise."""
+    from producers.batch import submit_batch
+
+    client = _client()
+    submission = submit_batch(client, manifest)
+    for error in submission.errors:
+        console.print(f"[red]line {error.line}:[/red] {error.message}", highlight=False)
+    console.print(f"batch {submission.batch_id}: {len(submission.jobs)} jobs submitted")
+    if no_wait or not submission.jobs:
+        sys.exit(1 if submission.errors else 0)
+    jobs = follow(client, [job.id for _, job in submission.jobs], timeout)
+    if as_json:
+        for job in jobs:
+            out.print(json.dumps(job.public_dict()), soft_wrap=True)
+    else:
+        out.print(summary_table(jobs))
+    ok = all(job.status is JobStatus.completed for job in jobs) and not submission.errors
+    sys.exit(0 if ok else 1)
+
+
+def follow(client: Any, job_ids: Sequence[str], timeout: float | None) -> list[Job]:
+    """Wait with a live progress bar: done / total, and the count in each status."""
+    with Progress(
+        TextColumn("[bold]jobs"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TextColumn("{task.description}"), console=console, transient=False,
+    ) as progress:
+        task = progress.add_task("", total=len(job_ids))
+
+        def update(statuses: dict[str, JobStatus | None]) -> None:
+            counts: dict[str, int] = {}
+            for status in statuses.values():
+                name = status.value if status else "missing"
+                counts[name] = counts.get(name, 0) + 1
+            done = sum(n for s, n in counts.items() if s in ("completed", "failed", "cancelled"))
+            progress.update(task, completed=done, description=" ".join(f"{s}:{n}" for s, n in sorted(counts.items())))
+
+        jobs: list[Job] = client.wait(job_ids, timeout_s=timeout, on_progress=update)
+    return jobs
+
+
+def summary_table(jobs: Sequence[Job]) -> Table:
+    table = Table(title="lipsync jobs")
+    for column in ("job", "sync mode", "video s", "audio s", "output s", "status", "time s", "cost", "output / error"):
+        table.add_column(column)
+    for job in jobs:
+        video, audio = job.inputs.get("video"), job.inputs.get("audio")
+        end = job.timestamps.get(job.status.value, job.updated_at)
+        detail = job.output.url if job.output else (job.error.message if job.error else "")
+        table.add_row(
+            job.id[:12], job.request.effective_sync_mode.value,
+            f"{video.duration:.2f}" if video else "", f"{audio.duration:.2f}" if audio else "",
+            f"{job.output.duration:.2f}" if job.output and job.output.duration else "",
+            _status_text(job.status), f"{end - job.created_at:.1f}",
+            f"${job.cost_estimate_usd:.3f}" if job.cost_estimate_usd is not None else "", detail,
+        )
+    return table
+
+
+@main.command()
+@click.argument("job_id")
+@click.option("--json", "as_json", is_flag=True)
+@friendly_errors
+def status(job_id: str, as_json: bool) -> None:
+    """Show one job."""
+    _print_job(_client().get(job_id), as_json)
+
+
+@main.command()
+@click.argument("job_ids", nargs=-1, required=True)
+@click.option("--timeout", type=float, default=None)
+@click.option("--json", "as_json", is_flag=True)
+@friendly_errors
+def wait(job_ids: tuple[str, ...], timeout: float | None, as_json: bool) -> None:
+    """Wait for jobs to end; exit 0 only if all completed."""
+    client = _client()
+    jobs = client.wait(list(job_ids), timeout_s=timeout) if as_json else follow(client, job_ids, timeout)
+    if as_json:
+        for job in jobs:
+            out.print(json.dumps(job.public_dict()), soft_wrap=True)
+    else:
+        out.print(summary_table(jobs))
+    sys.exit(0 if all(job.status is JobStatus.completed for job in jobs) else 1)
+
+
+@main.command()
+@click.argument("job_id")
+@friendly_errors
+def cancel(job_id: str) -> None:
+    """Cancel a job (and its fal request, if it has one)."""
+    job = _client().cancel(job_id)
+    out.print(f"{job.id} cancelled")
+
+
+@main.command()
+@click.argument("job_id")
+@friendly_errors
+def retry(job_id: str) -> None:
+    """Start a failed or cancelled job over."""
+    job = _client().retry(job_id)
+    out.print(f"{job.id} queued again")
+
+
+@main.command()
+@click.option("--status", "status_name", type=click.Choice([s.value for s in JobStatus]))
+@click.option("--batch", "batch_id")
+@click.option("--limit", type=int, default=50)
+@click.option("--json", "as_json", is_flag=True)
+@friendly_errors
+def jobs(status_name: str | None, batch_id: str | None, limit: int, as_json: bool) -> None:
+    """List recent jobs."""
+    client = _client()
+    found = client.list(status=JobStatus(status_name) if status_name else None, batch_id=batch_id, limit=limit)
+    if as_json:
+        for job in found:
+            out.print(json.dumps(job.public_dict()), soft_wrap=True)
+        return
+    out.print(summary_table(found))
+    out.print(" ".join(f"{s}:{n}" for s, n in client.store.counts().items() if n))
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.option("--queues", "-Q", default="transfer,api", show_default=True)
+@click.option("--concurrency", "-c", type=int, default=None)
+@click.option("--pool", "-P", default=None, help="prefork (default) or threads (default for -Q api)")
+@click.option("--loglevel", "-l", default="INFO")
+@click.pass_context
+def worker(ctx: click.Context, queues: str, concurrency: int | None, pool: str | None, loglevel: str) -> None:
+    """Start a Celery worker for these queues (extra arguments go to `celery worker`)."""
+    from config.settings import get_settings
+    from workers.app import app
+
+    settings = get_settings()
+    names = {q.strip() for q in queues.split(",") if q.strip()}
+    if pool is None:
+        pool = "threads" if names == {"api"} else "prefork"
+    if concurrency is None:
+        concurrency = settings.api_concurrency if names == {"api"} else settings.transfer_concurrency
+    app.worker_main(
+        ["worker", "--queues", ",".join(sorted(names)), "--pool", pool, "--concurrency", str(concurrency),
+         "--loglevel", loglevel, *ctx.args]
+    )
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.pass_context
+def emulator(ctx: click.Context) -> None:
+    """Run the local fal queue emulator (`lipsync emulator --help` for its flags)."""
+    from emulator.__main__ import main as emulator_main
+
+    emulator_main(list(ctx.args))
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.pass_context
+def flower(ctx: click.Context) -> None:
+    """Run Flower for the workers, with basic auth (LIPSYNC_FLOWER_BASIC_AUTH=user:password)."""
+    from config.settings import get_settings
+    from workers.app import app
+
+    auth = get_settings().flower_basic_auth.get_secret_value()
+    if not auth:
+        raise click.UsageError("set LIPSYNC_FLOWER_BASIC_AUTH=user:password; Flower never runs open")
+    app.start(["flower", f"--basic-auth={auth}", "--max-tasks=10000", *ctx.args])
+
+
+@main.command()
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("out"), show_default=True)
+@click.option("--latency", default="1-3", show_default=True, help="emulator model latency, s")
+@friendly_errors
+def demo(out_dir: Path, latency: str) -> None:
+    """Start a local stack, lip-sync a batch covering every sync mode, show the results, stop."""
+    from producers.demo import run_demo
+
+    sys.exit(run_demo(out_dir, latency))
+
+
+if __name__ == "__main__":
+    main()

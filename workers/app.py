@@ -1,0 +1,46 @@
+"""The Celery app: configuration from `config.celery`, tasks from `workers.tasks`.
+
+Each worker's main process also runs the dispatcher, which turns due entries of the durable
+schedule into task messages (see `workers.dispatcher`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+from celery.signals import worker_process_init, worker_ready, worker_shutdown
+
+from config.celery import celery_config
+from config.logging import configure_logging
+from config.settings import get_settings
+
+app = Celery("lipsync")
+app.config_from_object(celery_config(get_settings()))
+app.autodiscover_tasks(["workers"], related_name="tasks", force=True)
+
+_dispatcher: Any = None
+
+
+@worker_ready.connect
+def _start_dispatcher(**_: Any) -> None:
+    global _dispatcher
+    settings = get_settings()
+    configure_logging(settings)
+    if not settings.run_dispatcher:
+        return
+    from workers.dispatcher import Dispatcher
+
+    _dispatcher = Dispatcher(app, settings)
+    _dispatcher.start()
+
+
+@worker_shutdown.connect
+def _stop_dispatcher(**_: Any) -> None:
+    if _dispatcher is not None:
+        _dispatcher.stop()
+
+
+@worker_process_init.connect
+def _child_logging(**_: Any) -> None:
+    configure_logging(get_settings())
