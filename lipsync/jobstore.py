@@ -163,8 +163,9 @@ class JobStore:
             "now": job.created_at,
             "fields": fields,
             "schedule": job.created_at + dispatch_lease_s,
-            "batch_id": job.batch_id,
         }
+        if job.batch_id is not None:  # cjson turns null into a userdata, not nil: leave it out
+            spec["batch_id"] = job.batch_id
         if job.idempotency_key is not None:
             spec["idem_key"] = f"{self.prefix}:idem:{job.idempotency_key}"
         created, job_id = self._create(

@@ -1,5 +1,12 @@
-"""Producers: the Python API, the `lipsync` CLI and batch manifests."""
+"""Producers: the Python API (`producers.api.LipsyncClient`), the `lipsync` CLI and batch manifests."""
 
-from producers.api import LipsyncClient
+from typing import Any
 
-__all__ = ["LipsyncClient"]
+
+def __getattr__(name: str) -> Any:
+    # Lazy, so `lipsync --help` and the test fixtures do not import boto3 and httpx up front.
+    if name == "LipsyncClient":
+        from producers.api import LipsyncClient
+
+        return LipsyncClient
+    raise AttributeError(name)
