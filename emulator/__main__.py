@@ -1,0 +1,81 @@
+"""`python -m emulator` / `lipsync emulator`: run the local fal queue server."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import uvicorn
+
+from emulator.app import Config, Emulator, build_app, default_data_dir, parse_latency
+from emulator.faults import FAULTS, Faults
+
+
+def parser() -> argparse.ArgumentParser:
+    cli = argparse.ArgumentParser(
+        prog="lipsync emulator",
+        description="A local server speaking fal's queue protocol for fal-ai/sync-lipsync/v3. "
+        "It aligns and muxes the media as sync-3 would, but does not move lips.",
+    )
+    cli.add_argument("--host", default="127.0.0.1")
+    cli.add_argument("--port", type=int, default=8080)
+    cli.add_argument("--latency", default="0", help="model latency in seconds: '2' or a range '1-3'")
+    cli.add_argument("--concurrency", type=int, default=4, help="requests IN_PROGRESS at once")
+    cli.add_argument("--media-mode", choices=("encode", "copy"), default="encode",
+                     help="copy: stream-copy the video where the inputs allow (for benchmarks)")
+    cli.add_argument("--retention", type=float, default=3600.0, help="result retention, s")
+    cli.add_argument("--retention-large", type=float, default=360.0,
+                     help="retention of results of 10 KB or more, s")
+    cli.add_argument("--cdn-ttl", type=float, default=3600.0, help="how long output files are served, s")
+    cli.add_argument("--hang-seconds", type=float, default=60.0, help="how long a 'hang' fault hangs")
+    cli.add_argument("--keys", default="", help="comma-separated accepted keys; empty = any non-empty key")
+    cli.add_argument("--fault", action="append", default=[], metavar="NAME=SPEC",
+                     help=f"inject a fault: a rate (0.2) or once[:N]; names: {', '.join(FAULTS)}")
+    cli.add_argument("--data-dir", type=Path, default=None, help="where outputs are kept")
+    cli.add_argument("--tls", action="store_true",
+                     help="serve https with a generated certificate (its path is printed)")
+    cli.add_argument("--log-level", default="warning")
+    return cli
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    options = parser().parse_args(argv)
+    try:
+        config = Config(
+            latency=parse_latency(options.latency),
+            concurrency=max(1, options.concurrency),
+            media_mode=options.media_mode,
+            retention=options.retention,
+            retention_large=options.retention_large,
+            cdn_ttl=options.cdn_ttl,
+            keys=frozenset(k for k in options.keys.split(",") if k),
+            hang_seconds=options.hang_seconds,
+        )
+        faults = Faults()
+        for item in options.fault:
+            name, _, spec = item.partition("=")
+            faults.set(name.strip(), spec.strip() or "1")
+    except ValueError as exc:
+        sys.exit(f"lipsync emulator: {exc}")
+    data_dir = options.data_dir or default_data_dir()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    ssl: dict[str, str] = {}
+    if options.tls:
+        from emulator.tls import make_certificate
+
+        cert, key = make_certificate(data_dir / "tls")
+        ssl = {"ssl_certfile": str(cert), "ssl_keyfile": str(key)}
+        print(f"emulator certificate: {cert}", flush=True)
+    logging.basicConfig(level=options.log_level.upper())
+    app = build_app(Emulator(config, faults, data_dir))
+    uvicorn.run(
+        app, host=options.host, port=options.port, log_level=options.log_level,
+        access_log=False, timeout_keep_alive=30, **ssl,  # type: ignore[arg-type]
+    )  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

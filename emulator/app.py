@@ -1,0 +1,558 @@
+"""The emulator's HTTP side: fal's queue protocol, a CDN for outputs, and an admin API.
+
+Routes are parsed by hand (not by Starlette patterns) because fal accepts both the short
+`/{owner}/{alias}/requests/{id}` and the full-path forms with the app's sub-path in between.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import base64
+import binascii
+import json
+import os
+import random
+import shutil
+import tempfile
+import time
+import urllib.parse
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+from pydantic import ValidationError
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
+
+from emulator import media
+from emulator.faults import Faults
+from emulator.webhooks import WebhookSigner, deliver
+from lipsync.models import LipsyncInput
+
+NGINX_BODY = "<html>\r\n<head><title>{code} Bad Gateway</title></head>\r\n<body>\r\n<center><h1>{code}</h1></center>\r\n<hr><center>nginx</center>\r\n</body>\r\n</html>\r\n"
+LARGE_RESULT_BYTES = 10 * 1024
+MODEL_ERRORS = [
+    ("runner_disconnected", "The runner disconnected while processing the request"),
+    ("request_timeout", "The request timed out while running"),
+    ("internal_error", "Internal error while running the model"),
+]
+
+
+@dataclass
+class Config:
+    latency: tuple[float, float] = (0.0, 0.0)
+    concurrency: int = 4
+    media_mode: str = "encode"
+    retention: float = 3600.0
+    retention_large: float = 360.0
+    cdn_ttl: float = 3600.0
+    keys: frozenset[str] = frozenset()
+    hang_seconds: float = 60.0
+
+    def update(self, values: dict[str, Any]) -> None:
+        for name, value in values.items():
+            if name == "latency":
+                self.latency = parse_latency(str(value))
+            elif name == "keys":
+                self.keys = frozenset(k for k in str(value).split(",") if k)
+            elif name in ("concurrency",):
+                self.concurrency = max(1, int(value))
+            elif name == "media_mode":
+                if value not in ("encode", "copy"):
+                    raise ValueError("media_mode is encode or copy")
+                self.media_mode = str(value)
+            elif name in ("retention", "retention_large", "cdn_ttl", "hang_seconds"):
+                setattr(self, name, float(value))
+            else:
+                raise ValueError(f"unknown setting {name!r}")
+
+
+def parse_latency(text: str) -> tuple[float, float]:
+    low, _, high = text.partition("-")
+    return (float(low), float(high or low))
+
+
+@dataclass
+class FalRequest:
+    id: str
+    app: str
+    base: str
+    arguments: dict[str, Any]
+    marker: str | None
+    webhook: str | None
+    start_timeout: float | None
+    created: float = field(default_factory=time.time)
+    status: str = "IN_QUEUE"
+    logs: list[dict[str, Any]] = field(default_factory=list)
+    started: float | None = None
+    finished: float | None = None
+    output: dict[str, Any] | None = None
+    output_size: int = 0
+    error: str | None = None
+    error_type: str | None = None
+    error_status: int = 500
+    error_body: Any = None
+    cancel_requested: bool = False
+    inject: set[str] = field(default_factory=set)
+    task: asyncio.Task[None] | None = None
+
+    def urls(self) -> dict[str, str]:
+        root = f"{self.base}/{self.app}/requests/{self.id}"
+        return {"status_url": f"{root}/status", "response_url": root, "cancel_url": f"{root}/cancel"}
+
+    def log(self, message: str, level: str = "INFO") -> None:
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + f".{int(time.time() % 1 * 1e6):06d}"
+        self.logs.append({"message": message, "level": level, "source": "user", "timestamp": stamp})
+
+
+class Emulator:
+    def __init__(self, config: Config, faults: Faults, data_dir: Path) -> None:
+        self.config = config
+        self.faults = faults
+        self.data_dir = data_dir
+        self.signer = WebhookSigner()
+        self.requests: dict[str, FalRequest] = {}
+        self.waiting: deque[str] = deque()
+        self.running = 0
+        self.wakeup = asyncio.Event()
+        self.http: httpx.AsyncClient | None = None
+        self.reset_counters()
+
+    def reset_counters(self) -> None:
+        self.counters: dict[str, Any] = {
+            "submits": 0, "created": 0, "status_polls": 0, "results": 0, "cancels": 0,
+            "completed": 0, "failed": 0, "webhooks": 0, "by_marker": {},
+        }  # fmt: skip
+
+    # lifecycle ---------------------------------------------------------------
+    async def startup(self) -> None:
+        self.http = httpx.AsyncClient(verify=False, timeout=httpx.Timeout(60, connect=10), follow_redirects=True)
+        self._tasks = [asyncio.create_task(self._scheduler()), asyncio.create_task(self._sweeper())]
+
+    async def shutdown(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        if self.http is not None:
+            await self.http.aclose()
+
+    async def _scheduler(self) -> None:
+        """Start waiting requests while fewer than `concurrency` are in progress."""
+        while True:
+            await self.wakeup.wait()
+            self.wakeup.clear()
+            now = time.time()
+            for request_id in list(self.waiting):
+                found = self.requests.get(request_id)
+                if found is None or found.status != "IN_QUEUE":
+                    self.waiting.remove(request_id)
+                elif found.start_timeout is not None and now - found.created > found.start_timeout:
+                    self.waiting.remove(request_id)
+                    self._fail(found, "request_timeout", "The request was not started before its timeout", 504)
+            while self.waiting and self.running < self.config.concurrency:
+                found = self.requests.get(self.waiting.popleft())
+                if found is None or found.status != "IN_QUEUE":
+                    continue
+                self.running += 1
+                found.status, found.started = "IN_PROGRESS", time.time()
+                found.task = asyncio.create_task(self._run(found))
+
+    async def _sweeper(self) -> None:
+        while True:
+            await asyncio.sleep(0.5)
+            now = time.time()
+            if any(r.start_timeout for r in self.requests.values() if r.status == "IN_QUEUE"):
+                self.wakeup.set()
+            for request_id, found in list(self.requests.items()):
+                if found.finished is None:
+                    continue
+                keep = self.config.retention_large if found.output_size >= LARGE_RESULT_BYTES else self.config.retention
+                if now - found.finished > keep:
+                    self.requests.pop(request_id, None)
+                if now - found.finished > self.config.cdn_ttl:
+                    shutil.rmtree(self.data_dir / request_id, ignore_errors=True)
+
+    # one request's work --------------------------------------------------------
+    async def _run(self, found: FalRequest) -> None:
+        folder = self.data_dir / found.id
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            low, high = self.config.latency
+            found.log("Downloading inputs")
+            video = await self._download(found.arguments["video_url"], folder / "video.in", "video_url")
+            audio = await self._download(found.arguments["audio_url"], folder / "audio.in", "audio_url")
+            request = LipsyncInput.model_validate(found.arguments)
+            mode = request.effective_sync_mode
+            found.log(f"Running sync-3 (sync_mode={mode.value})")
+            await asyncio.sleep(random.uniform(low, high))
+            if found.cancel_requested:
+                raise asyncio.CancelledError
+            name = "output.mp4"
+            duration = await asyncio.to_thread(
+                media.process, str(video), str(audio), mode, str(folder / name), self.config.media_mode
+            )
+            found.log(f"Encoded {duration:.2f} s of video")
+            if "model_error" in found.inject:
+                kind, message = random.choice(MODEL_ERRORS)
+                self._fail(found, kind, message, 500)
+            elif "validation_after" in found.inject:
+                detail = [{"loc": ["body", "video_url"], "msg": "No face was detected in the video", "type": "value_error"}]
+                self._fail(found, "bad_input", detail[0]["msg"], 422, {"detail": detail})
+            else:
+                size = (folder / name).stat().st_size
+                found.output = {
+                    "video": {
+                        "url": f"{found.base}/_cdn/{found.id}/{name}", "content_type": "video/mp4",
+                        "file_name": name, "file_size": size,
+                    }
+                }  # fmt: skip
+                found.output_size = size
+                self._finish(found)
+            for leftover in ("video.in", "audio.in"):
+                (folder / leftover).unlink(missing_ok=True)
+        except asyncio.CancelledError:
+            self._fail(found, "request_cancelled", "The request was cancelled", 400)
+        except media.MediaError as exc:
+            detail = [{"loc": ["body", "video_url"], "msg": str(exc), "type": "value_error"}]
+            self._fail(found, "bad_input", str(exc), 422, {"detail": detail})
+        except _InputError as exc:
+            detail = [{"loc": ["body", exc.field], "msg": str(exc), "type": "file_download_error"}]
+            self._fail(found, "bad_input", str(exc), 422, {"detail": detail})
+        except Exception as exc:  # the emulator's own failure, reported as fal would
+            self._fail(found, "internal_error", f"{type(exc).__name__}: {exc}", 500)
+        finally:
+            self.running -= 1
+            self.wakeup.set()
+
+    async def _download(self, url: str, target: Path, field_name: str) -> Path:
+        if url.startswith("data:"):
+            header, _, payload = url.partition(",")
+            try:
+                body = base64.b64decode(payload, validate=True) if header.endswith(";base64") else urllib.parse.unquote_to_bytes(payload)
+            except (binascii.Error, ValueError):
+                raise _InputError(field_name, f"{field_name} is not a valid data URI") from None
+            target.write_bytes(body)
+            return target
+        assert self.http is not None
+        try:
+            async with self.http.stream("GET", url) as response:
+                if response.status_code != 200:
+                    raise _InputError(field_name, f"Failed to download {field_name}: HTTP {response.status_code}")
+                with target.open("wb") as handle:
+                    async for chunk in response.aiter_bytes(1 << 20):
+                        handle.write(chunk)
+        except httpx.HTTPError as exc:
+            raise _InputError(field_name, f"Failed to download {field_name}: {type(exc).__name__}") from None
+        return target
+
+    def _finish(self, found: FalRequest) -> None:
+        found.status, found.finished = "COMPLETED", time.time()
+        self.counters["completed"] += 1
+        if "expire_result" in found.inject:
+            self.requests.pop(found.id, None)
+        self._notify(found)
+
+    def _fail(self, found: FalRequest, kind: str, message: str, status: int, body: Any = None) -> None:
+        found.error, found.error_type, found.error_status = message, kind, status
+        found.error_body = body if body is not None else {"detail": message}
+        found.status, found.finished = "COMPLETED", time.time()
+        self.counters["failed"] += 1
+        self._notify(found)
+
+    def _notify(self, found: FalRequest) -> None:
+        if not found.webhook or self.http is None:
+            return
+        payload = {
+            "request_id": found.id, "gateway_request_id": found.id,
+            "status": "ERROR" if found.error else "OK",
+            "payload": found.error_body if found.error else found.output,
+            "error": found.error,
+        }  # fmt: skip
+        self.counters["webhooks"] += 1
+        asyncio.create_task(deliver(self.http, self.signer, found.webhook, payload))
+
+    # views -----------------------------------------------------------------------
+    def status_body(self, found: FalRequest, with_logs: bool) -> dict[str, Any]:
+        body: dict[str, Any] = {"status": found.status, "request_id": found.id, **found.urls(), "logs": found.logs if with_logs else None}
+        if found.status == "IN_QUEUE":
+            body["queue_position"] = self.waiting.index(found.id) if found.id in self.waiting else 0
+        if found.status == "COMPLETED":
+            started = found.started or found.finished or 0.0
+            body["metrics"] = {"inference_time": round((found.finished or 0) - started, 3)}
+            if found.error:
+                body["error"], body["error_type"] = found.error, found.error_type
+        return body
+
+
+class _InputError(Exception):
+    def __init__(self, field_name: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field_name
+
+
+# HTTP ----------------------------------------------------------------------------------
+def _fal_json(body: Any, status: int = 200, request_id: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
+    extra = dict(headers or {})
+    if request_id:
+        extra["x-fal-request-id"] = request_id
+    return JSONResponse(body, status_code=status, headers=extra)
+
+
+def _validation_detail(exc: ValidationError) -> list[dict[str, Any]]:
+    return [
+        {"loc": ["body", *[str(p) for p in error["loc"]]], "msg": error["msg"], "type": error["type"]}
+        for error in exc.errors()
+    ]
+
+
+def build_app(emulator: Emulator) -> Starlette:
+    async def injected(request: Request, operation: str) -> Response | None:
+        """Faults that replace an answer: rate limits, ingress and runner 5xx, hangs."""
+        faults = emulator.faults
+        if faults.fire("hang"):
+            await asyncio.sleep(emulator.config.hang_seconds)
+        if faults.fire("rate_limit"):
+            return _fal_json({"detail": "Rate limit exceeded"}, 429, headers={"Retry-After": "1"})
+        if faults.fire("ingress_5xx"):
+            code = random.choice([502, 503, 504])
+            return Response(NGINX_BODY.format(code=code), status_code=code, media_type="text/html")
+        if faults.fire("runner_5xx"):
+            code = 503 if operation == "submit" else 500
+            return _fal_json(
+                {"detail": "Runner unavailable"}, code, request_id=str(uuid.uuid4()),
+                headers={"X-Fal-Error-Type": "runner_unavailable"},
+            )  # fmt: skip
+        return None
+
+    def authorised(request: Request) -> Response | None:
+        header = request.headers.get("authorization", "")
+        scheme, _, key = header.partition(" ")
+        if scheme.lower() != "key" or not key.strip():
+            return _fal_json({"detail": "Missing or invalid Authorization header; expected 'Key <FAL_KEY>'"}, 401)
+        if emulator.config.keys and key.strip() not in emulator.config.keys:
+            return _fal_json({"detail": "Invalid key"}, 401)
+        return None
+
+    async def queue(request: Request) -> Response:
+        parts = [p for p in request.url.path.split("/") if p]
+        if len(parts) < 2:
+            return _fal_json({"detail": "Not found"}, 404)
+        denied = authorised(request)
+        if denied is not None:
+            return denied
+        app_id = f"{parts[0]}/{parts[1]}"
+        if "requests" in parts[2:]:
+            at = parts.index("requests", 2)
+            tail = parts[at + 1 :]
+            if not tail:
+                return _fal_json({"detail": "Not found"}, 404)
+            return await request_route(request, tail[0], tail[1:])
+        if request.method != "POST":
+            return _fal_json({"detail": "Method not allowed"}, 405)
+        return await submit(request, app_id)
+
+    async def submit(request: Request, app_id: str) -> Response:
+        emulator.counters["submits"] += 1
+        failure = await injected(request, "submit")
+        if failure is not None:
+            return failure
+        try:
+            arguments = await request.json()
+        except ValueError:
+            return _fal_json({"detail": [{"loc": ["body"], "msg": "Invalid JSON", "type": "json_invalid"}]}, 422)
+        try:
+            LipsyncInput.model_validate(arguments)
+        except ValidationError as exc:
+            return _fal_json({"detail": _validation_detail(exc)}, 422)
+        limit = request.query_params.get("fal_max_queue_length") or request.headers.get("x-fal-queue-max-length")
+        if limit and limit.isdigit() and len(emulator.waiting) >= int(limit):
+            return _fal_json({"detail": "Queue is full"}, 429, headers={"Retry-After": "1"})
+        timeout = request.headers.get("x-fal-request-timeout")
+        base = f"{request.url.scheme}://{request.url.netloc}"
+        found = FalRequest(
+            id=str(uuid.uuid4()), app=app_id, base=base, arguments=arguments,
+            marker=request.headers.get("x-lipsync-job-id"), webhook=request.query_params.get("fal_webhook"),
+            start_timeout=float(timeout) if timeout else None,
+        )  # fmt: skip
+        for name in ("model_error", "validation_after", "expire_result", "cdn_404"):
+            if emulator.faults.fire(name):
+                found.inject.add(name)
+        emulator.requests[found.id] = found
+        emulator.counters["created"] += 1
+        if found.marker:
+            by_marker = emulator.counters["by_marker"]
+            by_marker[found.marker] = by_marker.get(found.marker, 0) + 1
+        emulator.waiting.append(found.id)
+        emulator.wakeup.set()
+        if emulator.faults.fire("drop_submit"):
+            return _DroppedAnswer()
+        body = {"request_id": found.id, **found.urls(), "queue_position": len(emulator.waiting) - 1}
+        return _fal_json(body, 200, request_id=found.id)
+
+    async def request_route(request: Request, request_id: str, rest: list[str]) -> Response:
+        found = emulator.requests.get(request_id)
+        if rest[:1] == ["status"]:
+            emulator.counters["status_polls"] += 1
+            failure = await injected(request, "status")
+            if failure is not None:
+                return failure
+            if found is None:
+                return _fal_json({"detail": "Request not found"}, 404)
+            with_logs = request.query_params.get("logs", "0").lower() in ("1", "true")
+            if rest[1:] == ["stream"]:
+                return StreamingResponse(stream(found, with_logs), media_type="text/event-stream", headers={"x-fal-request-id": found.id})
+            code = 200 if found.status == "COMPLETED" else 202
+            return _fal_json(emulator.status_body(found, with_logs), code, request_id=found.id)
+        if rest[:1] == ["cancel"]:
+            if request.method != "PUT":
+                return _fal_json({"detail": "Method not allowed"}, 405)
+            emulator.counters["cancels"] += 1
+            if found is None:
+                return _fal_json({"detail": "Request not found"}, 404)
+            if found.status == "COMPLETED":
+                return _fal_json({"status": "ALREADY_COMPLETED"}, 400, request_id=found.id)
+            found.cancel_requested = True
+            if found.status == "IN_QUEUE":
+                if found.id in emulator.waiting:
+                    emulator.waiting.remove(found.id)
+                emulator._fail(found, "request_cancelled", "The request was cancelled", 400)
+            elif found.task is not None:
+                found.task.cancel()
+            return _fal_json({"status": "CANCELLATION_REQUESTED"}, 202, request_id=found.id)
+        if rest in ([], ["response"]) and request.method == "GET":
+            emulator.counters["results"] += 1
+            failure = await injected(request, "result")
+            if failure is not None:
+                return failure
+            if found is None:
+                return _fal_json({"detail": "Request not found"}, 404)
+            if found.status != "COMPLETED":
+                return _fal_json({"detail": "Request is still in progress"}, 400, request_id=found.id)
+            if found.error:
+                return _fal_json(found.error_body, found.error_status, request_id=found.id, headers={"X-Fal-Error-Type": found.error_type or ""})
+            return _fal_json(found.output, 200, request_id=found.id)
+        return _fal_json({"detail": "Not found"}, 404)
+
+    async def stream(found: FalRequest, with_logs: bool) -> Any:
+        last = None
+        while True:
+            body = emulator.status_body(found, with_logs)
+            text = json.dumps(body)
+            if text != last:
+                yield f"data: {text}\n\n"
+                last = text
+            if found.status == "COMPLETED":
+                return
+            await asyncio.sleep(0.1)
+
+    async def cdn(request: Request) -> Response:
+        request_id, name = request.path_params["request_id"], request.path_params["name"]
+        found = emulator.requests.get(request_id)
+        path = emulator.data_dir / request_id / name
+        if (found is not None and "cdn_404" in found.inject) or "/" in name or not path.is_file():
+            return Response("Not Found", status_code=404)
+        return FileResponse(path, media_type="video/mp4")
+
+    async def counters(request: Request) -> Response:
+        statuses = [r.status for r in emulator.requests.values()]
+        return JSONResponse({
+            **emulator.counters, "faults_injected": dict(emulator.faults.injected),
+            "in_queue": statuses.count("IN_QUEUE"), "in_progress": statuses.count("IN_PROGRESS"),
+        })  # fmt: skip
+
+    async def faults(request: Request) -> Response:
+        if request.method == "DELETE":
+            emulator.faults.clear()
+            return JSONResponse({"faults": {}})
+        try:
+            for name, spec in (await request.json()).items():
+                emulator.faults.set(name, spec)
+        except (ValueError, AttributeError) as exc:
+            return JSONResponse({"detail": str(exc)}, status_code=400)
+        return JSONResponse({"faults": {k: vars(v) for k, v in emulator.faults.active.items()}})
+
+    async def configure(request: Request) -> Response:
+        try:
+            emulator.config.update(await request.json())
+        except (ValueError, TypeError, AttributeError) as exc:
+            return JSONResponse({"detail": str(exc)}, status_code=400)
+        emulator.wakeup.set()
+        return JSONResponse({"config": {k: (sorted(v) if isinstance(v, frozenset) else v) for k, v in vars(emulator.config).items() if k != "keys"}})
+
+    async def reset(request: Request) -> Response:
+        for found in emulator.requests.values():
+            if found.task is not None:
+                found.task.cancel()
+        emulator.requests.clear()
+        emulator.waiting.clear()
+        emulator.faults.clear()
+        emulator.faults.injected.clear()
+        emulator.reset_counters()
+        return JSONResponse({"reset": True})
+
+    async def inspect(request: Request) -> Response:
+        found = emulator.requests.get(request.path_params["request_id"])
+        if found is None:
+            return JSONResponse({"detail": "Request not found"}, status_code=404)
+        state = {k: v for k, v in vars(found).items() if k not in ("task",)}
+        state["inject"] = sorted(found.inject)
+        return JSONResponse(state)
+
+    async def jwks(request: Request) -> Response:
+        return JSONResponse(emulator.signer.jwks())
+
+    routes = [
+        Route("/_admin/counters", counters),
+        Route("/_admin/faults", faults, methods=["POST", "DELETE"]),
+        Route("/_admin/config", configure, methods=["POST"]),
+        Route("/_admin/reset", reset, methods=["POST"]),
+        Route("/_admin/requests/{request_id}", inspect),
+        Route("/_cdn/{request_id}/{name}", cdn),
+        Route("/.well-known/jwks.json", jwks),
+        Route("/{path:path}", queue, methods=["GET", "POST", "PUT"]),
+    ]
+    @contextlib.asynccontextmanager
+    async def lifespan(_: Starlette) -> AsyncIterator[None]:
+        await emulator.startup()
+        try:
+            yield
+        finally:
+            await emulator.shutdown()
+
+    app = Starlette(routes=routes, lifespan=lifespan)
+    return app
+
+
+class _DropConnection(Exception):
+    """Raised after an answer has started, so the server closes the connection mid-answer."""
+
+
+class _DroppedAnswer(Response):
+    """A submit answer lost on the wire: headers and a few bytes, then the connection closes.
+
+    Raising after the response has started keeps Starlette from turning it into a 500: a
+    lost answer must look lost, not like an error that proves nothing was created.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(status_code=200)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", b"4096")]})
+        await send({"type": "http.response.body", "body": b'{"request_id": ', "more_body": True})
+        raise _DropConnection
+
+
+def default_data_dir() -> Path:
+    return Path(tempfile.mkdtemp(prefix="fal-emulator-"))
+
+
+__all__ = ["Config", "Emulator", "build_app", "default_data_dir", "parse_latency", "os"]

@@ -1,0 +1,95 @@
+"""Start the emulator as its own process and drive its admin API (faults, config, counters).
+
+Used by the tests, the benchmarks and the local stack; it is the emulator's only client
+besides the fal protocol itself.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import IO, Any
+
+import httpx
+
+from producers.devstack import free_port, stop_process, wait_for_port
+
+
+class EmulatorProcess:
+    def __init__(self, process: subprocess.Popen[bytes], port: int, data_dir: Path, tls: bool) -> None:
+        self.process = process
+        self.port = port
+        self.data_dir = data_dir
+        self.tls = tls
+        scheme = "https" if tls else "http"
+        self.url = f"{scheme}://127.0.0.1:{port}"
+        self.cert_path = data_dir / "tls" / "emulator-cert.pem" if tls else None
+        self._admin = httpx.Client(base_url=self.url, timeout=30, verify=str(self.cert_path) if tls else True)
+
+    # admin API ----------------------------------------------------------------
+    def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        response = self._admin.post(path, json=body)
+        response.raise_for_status()
+        answer: dict[str, Any] = response.json()
+        return answer
+
+    def configure(self, **values: Any) -> dict[str, Any]:
+        return self._post("/_admin/config", values)
+
+    def set_faults(self, **specs: Any) -> dict[str, Any]:
+        return self._post("/_admin/faults", specs)
+
+    def clear_faults(self) -> None:
+        self._admin.delete("/_admin/faults").raise_for_status()
+
+    def reset(self) -> None:
+        self._post("/_admin/reset", {})
+
+    def counters(self) -> dict[str, Any]:
+        response = self._admin.get("/_admin/counters")
+        response.raise_for_status()
+        answer: dict[str, Any] = response.json()
+        return answer
+
+    def inspect(self, request_id: str) -> dict[str, Any]:
+        response = self._admin.get(f"/_admin/requests/{request_id}")
+        response.raise_for_status()
+        answer: dict[str, Any] = response.json()
+        return answer
+
+    # lifecycle ------------------------------------------------------------------
+    def stop(self) -> None:
+        self._admin.close()
+        stop_process(self.process)
+
+
+def start_emulator(
+    *args: str, tls: bool = False, port: int | None = None, log: IO[bytes] | None = None
+) -> EmulatorProcess:
+    """Start `python -m emulator` on a free port and wait until it answers."""
+    port = port or free_port()
+    data_dir = Path(tempfile.mkdtemp(prefix="fal-emulator-"))
+    command = [
+        sys.executable, "-m", "emulator", "--host", "127.0.0.1", "--port", str(port),
+        "--data-dir", str(data_dir), *args,
+    ]  # fmt: skip
+    if tls:
+        command.append("--tls")
+    process = subprocess.Popen(
+        command, stdout=log or subprocess.DEVNULL, stderr=subprocess.STDOUT if log else subprocess.DEVNULL
+    )
+    wait_for_port(port, timeout=30, process=process)
+    server = EmulatorProcess(process, port, data_dir, tls)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            server.counters()
+            return server
+        except httpx.HTTPError:
+            if time.monotonic() > deadline:
+                server.stop()
+                raise
+            time.sleep(0.1)
