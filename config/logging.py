@@ -63,9 +63,7 @@ def configure_logging(settings: Settings) -> None:
     if settings.log_json:
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(
-            logging.Formatter("%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
-        )
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"))
     handler.addFilter(RedactingFilter([settings.fal_key.get_secret_value()]))
     root = logging.getLogger()
     root.handlers = [handler]

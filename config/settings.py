@@ -15,9 +15,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LIPSYNC_", extra="ignore")
 
     # fal: FAL_KEY is the fal ecosystem's own variable, so it carries no prefix.
-    fal_key: SecretStr = Field(
-        default=SecretStr(""), validation_alias=AliasChoices("FAL_KEY", "LIPSYNC_FAL_KEY")
-    )
+    fal_key: SecretStr = Field(default=SecretStr(""), validation_alias=AliasChoices("FAL_KEY", "LIPSYNC_FAL_KEY"))
     fal_queue_url: str = "https://queue.fal.run"
     fal_app: str = "fal-ai/sync-lipsync/v3"
     # Public base URL of a gateway that receives fal webhooks; empty = poll only.
@@ -78,9 +76,7 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
 
     def allowed_private_hosts(self) -> frozenset[str]:
-        return frozenset(
-            host.strip().lower() for host in self.allow_private_urls.split(",") if host.strip()
-        )
+        return frozenset(host.strip().lower() for host in self.allow_private_urls.split(",") if host.strip())
 
 
 @lru_cache(maxsize=1)

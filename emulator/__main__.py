@@ -24,19 +24,28 @@ def parser() -> argparse.ArgumentParser:
     cli.add_argument("--port", type=int, default=8080)
     cli.add_argument("--latency", default="0", help="model latency in seconds: '2' or a range '1-3'")
     cli.add_argument("--concurrency", type=int, default=4, help="requests IN_PROGRESS at once")
-    cli.add_argument("--media-mode", choices=("encode", "copy"), default="encode",
-                     help="copy: stream-copy the video where the inputs allow (for benchmarks)")
+    cli.add_argument(
+        "--media-mode",
+        choices=("encode", "copy"),
+        default="encode",
+        help="copy: stream-copy the video where the inputs allow (for benchmarks)",
+    )
     cli.add_argument("--retention", type=float, default=3600.0, help="result retention, s")
-    cli.add_argument("--retention-large", type=float, default=360.0,
-                     help="retention of results of 10 KB or more, s")
+    cli.add_argument("--retention-large", type=float, default=360.0, help="retention of results of 10 KB or more, s")
     cli.add_argument("--cdn-ttl", type=float, default=3600.0, help="how long output files are served, s")
     cli.add_argument("--hang-seconds", type=float, default=60.0, help="how long a 'hang' fault hangs")
     cli.add_argument("--keys", default="", help="comma-separated accepted keys; empty = any non-empty key")
-    cli.add_argument("--fault", action="append", default=[], metavar="NAME=SPEC",
-                     help=f"inject a fault: a rate (0.2) or once[:N]; names: {', '.join(FAULTS)}")
+    cli.add_argument(
+        "--fault",
+        action="append",
+        default=[],
+        metavar="NAME=SPEC",
+        help=f"inject a fault: a rate (0.2) or once[:N]; names: {', '.join(FAULTS)}",
+    )
     cli.add_argument("--data-dir", type=Path, default=None, help="where outputs are kept")
-    cli.add_argument("--tls", action="store_true",
-                     help="serve https with a generated certificate (its path is printed)")
+    cli.add_argument(
+        "--tls", action="store_true", help="serve https with a generated certificate (its path is printed)"
+    )
     cli.add_argument("--log-level", default="warning")
     return cli
 

@@ -7,9 +7,9 @@ Routes are parsed by hand (not by Starlette patterns) because fal accepts both t
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import base64
 import binascii
+import contextlib
 import json
 import os
 import random
@@ -37,7 +37,10 @@ from emulator.faults import Faults
 from emulator.webhooks import WebhookSigner, deliver
 from lipsync.models import LipsyncInput
 
-NGINX_BODY = "<html>\r\n<head><title>{code} Bad Gateway</title></head>\r\n<body>\r\n<center><h1>{code}</h1></center>\r\n<hr><center>nginx</center>\r\n</body>\r\n</html>\r\n"
+NGINX_BODY = (
+    "<html>\r\n<head><title>{code} Bad Gateway</title></head>\r\n<body>\r\n"
+    "<center><h1>{code}</h1></center>\r\n<hr><center>nginx</center>\r\n</body>\r\n</html>\r\n"
+)
 LARGE_RESULT_BYTES = 10 * 1024
 MODEL_ERRORS = [
     ("runner_disconnected", "The runner disconnected while processing the request"),
@@ -203,8 +206,9 @@ class Emulator:
                 kind, message = random.choice(MODEL_ERRORS)
                 self._fail(found, kind, message, 500)
             elif "validation_after" in found.inject:
-                detail = [{"loc": ["body", "video_url"], "msg": "No face was detected in the video", "type": "value_error"}]
-                self._fail(found, "bad_input", detail[0]["msg"], 422, {"detail": detail})
+                message = "No face was detected in the video"
+                detail = [{"loc": ["body", "video_url"], "msg": message, "type": "value_error"}]
+                self._fail(found, "bad_input", message, 422, {"detail": detail})
             else:
                 size = (folder / name).stat().st_size
                 found.output = {
@@ -235,7 +239,11 @@ class Emulator:
         if url.startswith("data:"):
             header, _, payload = url.partition(",")
             try:
-                body = base64.b64decode(payload, validate=True) if header.endswith(";base64") else urllib.parse.unquote_to_bytes(payload)
+                body = (
+                    base64.b64decode(payload, validate=True)
+                    if header.endswith(";base64")
+                    else urllib.parse.unquote_to_bytes(payload)
+                )
             except (binascii.Error, ValueError):
                 raise _InputError(field_name, f"{field_name} is not a valid data URI") from None
             target.write_bytes(body)
@@ -280,7 +288,12 @@ class Emulator:
 
     # views -----------------------------------------------------------------------
     def status_body(self, found: FalRequest, with_logs: bool) -> dict[str, Any]:
-        body: dict[str, Any] = {"status": found.status, "request_id": found.id, **found.urls(), "logs": found.logs if with_logs else None}
+        body: dict[str, Any] = {
+            "status": found.status,
+            "request_id": found.id,
+            **found.urls(),
+            "logs": found.logs if with_logs else None,
+        }
         if found.status == "IN_QUEUE":
             body["queue_position"] = self.waiting.index(found.id) if found.id in self.waiting else 0
         if found.status == "COMPLETED":
@@ -298,7 +311,9 @@ class _InputError(Exception):
 
 
 # HTTP ----------------------------------------------------------------------------------
-def _fal_json(body: Any, status: int = 200, request_id: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
+def _fal_json(
+    body: Any, status: int = 200, request_id: str | None = None, headers: dict[str, str] | None = None
+) -> JSONResponse:
     extra = dict(headers or {})
     if request_id:
         extra["x-fal-request-id"] = request_id
@@ -407,7 +422,9 @@ def build_app(emulator: Emulator) -> Starlette:
                 return _fal_json({"detail": "Request not found"}, 404)
             with_logs = request.query_params.get("logs", "0").lower() in ("1", "true")
             if rest[1:] == ["stream"]:
-                return StreamingResponse(stream(found, with_logs), media_type="text/event-stream", headers={"x-fal-request-id": found.id})
+                return StreamingResponse(
+                    stream(found, with_logs), media_type="text/event-stream", headers={"x-fal-request-id": found.id}
+                )
             code = 200 if found.status == "COMPLETED" else 202
             return _fal_json(emulator.status_body(found, with_logs), code, request_id=found.id)
         if rest[:1] == ["cancel"]:
@@ -436,7 +453,12 @@ def build_app(emulator: Emulator) -> Starlette:
             if found.status != "COMPLETED":
                 return _fal_json({"detail": "Request is still in progress"}, 400, request_id=found.id)
             if found.error:
-                return _fal_json(found.error_body, found.error_status, request_id=found.id, headers={"X-Fal-Error-Type": found.error_type or ""})
+                return _fal_json(
+                    found.error_body,
+                    found.error_status,
+                    request_id=found.id,
+                    headers={"X-Fal-Error-Type": found.error_type or ""},
+                )
             return _fal_json(found.output, 200, request_id=found.id)
         return _fal_json({"detail": "Not found"}, 404)
 
@@ -484,7 +506,15 @@ def build_app(emulator: Emulator) -> Starlette:
         except (ValueError, TypeError, AttributeError) as exc:
             return JSONResponse({"detail": str(exc)}, status_code=400)
         emulator.wakeup.set()
-        return JSONResponse({"config": {k: (sorted(v) if isinstance(v, frozenset) else v) for k, v in vars(emulator.config).items() if k != "keys"}})
+        return JSONResponse(
+            {
+                "config": {
+                    k: (sorted(v) if isinstance(v, frozenset) else v)
+                    for k, v in vars(emulator.config).items()
+                    if k != "keys"
+                }
+            }
+        )
 
     async def reset(request: Request) -> Response:
         for found in emulator.requests.values():
@@ -518,6 +548,7 @@ def build_app(emulator: Emulator) -> Starlette:
         Route("/.well-known/jwks.json", jwks),
         Route("/{path:path}", queue, methods=["GET", "POST", "PUT"]),
     ]
+
     @contextlib.asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
         await emulator.startup()
@@ -545,8 +576,13 @@ class _DroppedAnswer(Response):
         super().__init__(status_code=200)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", b"4096")]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", b"4096")],
+            }
+        )
         await send({"type": "http.response.body", "body": b'{"request_id": ', "more_body": True})
         raise _DropConnection
 

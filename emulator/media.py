@@ -69,8 +69,10 @@ def process(video_path: str, audio_path: str, mode: SyncMode, out_path: str, med
     audio = _audio_samples(audio_path)
     wanted = round(target * AUDIO_RATE)
     audio = audio[:wanted] if len(audio) >= wanted else np.pad(audio, (0, wanted - len(audio)))
-    identity = output_frames <= source_frames and mode is not SyncMode.remap or (
-        mode is SyncMode.remap and output_frames == source_frames
+    identity = (
+        output_frames <= source_frames
+        and mode is not SyncMode.remap
+        or (mode is SyncMode.remap and output_frames == source_frames)
     )
     if media_mode == "copy" and identity and video_info.video_codec == "h264":
         _copy_video(video_path, out_path, audio, output_frames)
@@ -91,7 +93,9 @@ def _write_audio(
 ) -> None:
     size = 1024
     for start in range(0, len(samples), size):
-        frame = av.AudioFrame.from_ndarray(samples[None, start : start + size].astype(np.float32), format="fltp", layout="mono")
+        frame = av.AudioFrame.from_ndarray(
+            samples[None, start : start + size].astype(np.float32), format="fltp", layout="mono"
+        )
         frame.sample_rate, frame.pts, frame.time_base = AUDIO_RATE, start, Fraction(1, AUDIO_RATE)
         for packet in stream.encode(frame):
             container.mux(packet)
@@ -107,7 +111,9 @@ def _encode(
     frames: list[np.ndarray] = []
     with av.open(video_path) as source:
         for frame in source.decode(video=0):
-            even = frame.reformat(width=frame.width - frame.width % 2, height=frame.height - frame.height % 2, format="yuv420p")
+            even = frame.reformat(
+                width=frame.width - frame.width % 2, height=frame.height - frame.height % 2, format="yuv420p"
+            )
             frames.append(even.to_ndarray())
             if mode is SyncMode.cut_off and len(frames) >= output_frames:
                 break

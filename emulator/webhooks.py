@@ -21,18 +21,12 @@ USER_ID = "emulator-user"
 class WebhookSigner:
     def __init__(self) -> None:
         self.key = Ed25519PrivateKey.generate()
-        raw = self.key.public_key().public_bytes(
-            serialization.Encoding.Raw, serialization.PublicFormat.Raw
-        )
+        raw = self.key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
         self.public_key_b64url = base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
         self.kid = hashlib.sha256(raw).hexdigest()[:16]
 
     def jwks(self) -> dict[str, Any]:
-        return {
-            "keys": [
-                {"kty": "OKP", "crv": "Ed25519", "x": self.public_key_b64url, "kid": self.kid, "use": "sig"}
-            ]
-        }
+        return {"keys": [{"kty": "OKP", "crv": "Ed25519", "x": self.public_key_b64url, "kid": self.kid, "use": "sig"}]}
 
     def headers(self, request_id: str, body: bytes, timestamp: int | None = None) -> dict[str, str]:
         timestamp = timestamp or int(time.time())

@@ -38,7 +38,7 @@ class Admission:
 
 class AdmissionControl:
     def __init__(
-        self, client: redis.Redis, *, prefix: str, max_in_flight: int, submits_per_second: float
+        self, client: redis.Redis[bytes], *, prefix: str, max_in_flight: int, submits_per_second: float
     ) -> None:
         self.redis = client
         self.inflight_key = f"{prefix}:inflight"

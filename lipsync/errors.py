@@ -26,9 +26,7 @@ class RetryableError(LipsyncError):
 
     code = "transient"
 
-    def __init__(
-        self, message: str, *, code: str | None = None, delay: float | None = None
-    ) -> None:
+    def __init__(self, message: str, *, code: str | None = None, delay: float | None = None) -> None:
         super().__init__(message, code=code)
         self.delay = delay
 

@@ -118,15 +118,11 @@ class FalQueueClient:
         return {"Authorization": f"Key {self._key.get_secret_value()}"}
 
     # submit ----------------------------------------------------------------
-    def submit(
-        self, arguments: dict[str, Any], *, marker: str, webhook_url: str | None = None
-    ) -> FalRequest:
+    def submit(self, arguments: dict[str, Any], *, marker: str, webhook_url: str | None = None) -> FalRequest:
         params = {"fal_webhook": webhook_url} if webhook_url else None
         headers = {**self._headers(), MARKER_HEADER: marker}
         try:
-            response = self._http.post(
-                f"{self.queue_url}/{self.app}", json=arguments, params=params, headers=headers
-            )
+            response = self._http.post(f"{self.queue_url}/{self.app}", json=arguments, params=params, headers=headers)
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
             # Nothing reached fal: safe to try again.
             raise RetryableError(f"could not connect to fal: {type(exc).__name__}") from None
@@ -226,13 +222,10 @@ class FalQueueClient:
                 code="fal_unauthorized",
             )
         if status == 422:
-            return InvalidInput(
-                f"fal rejected the input: {_detail(response)}", code="fal_validation_error"
-            )
+            return InvalidInput(f"fal rejected the input: {_detail(response)}", code="fal_validation_error")
         if status == 404:
             return FalError(
-                f"fal does not know this request any more ({operation} answered 404); "
-                "its result may have expired",
+                f"fal does not know this request any more ({operation} answered 404); its result may have expired",
                 code="fal_request_gone",
             )
         return FalError(

@@ -124,9 +124,7 @@ class GuardedFetcher:
             raise InvalidInput(f"{shown} is not a valid URL") from None
         scheme = parts.scheme.lower()
         if scheme not in ("http", "https"):
-            raise UnsafeURL(
-                f"the URL uses the scheme '{scheme or '(none)'}'; only http(s) URLs are fetched"
-            )
+            raise UnsafeURL(f"the URL uses the scheme '{scheme or '(none)'}'; only http(s) URLs are fetched")
         if parts.username is not None or parts.password is not None:
             raise UnsafeURL(f"{shown}: URLs with a user name or password are not accepted")
         host = (parts.hostname or "").lower()
@@ -146,8 +144,7 @@ class GuardedFetcher:
         for address in addresses:
             if not allowed and address not in self.allowed and not is_public_address(address):
                 raise UnsafeURL(
-                    f"{shown} points to a private or internal address ({address}); only public "
-                    "addresses are fetched"
+                    f"{shown} points to a private or internal address ({address}); only public addresses are fetched"
                 )
         return parts, addresses[0]
 
@@ -162,9 +159,7 @@ class GuardedFetcher:
             pinned = urllib.parse.urlunsplit((parts.scheme, netloc, parts.path or "/", parts.query, ""))
             headers = {"Host": parts.netloc.rsplit("@", 1)[-1], "Accept-Encoding": "identity"}
             try:
-                with self._http.stream(
-                    "GET", pinned, headers=headers, extensions={"sni_hostname": host}
-                ) as response:
+                with self._http.stream("GET", pinned, headers=headers, extensions={"sni_hostname": host}) as response:
                     if response.status_code in _REDIRECTS and "location" in response.headers:
                         current = urllib.parse.urljoin(current, response.headers["location"])
                         continue
@@ -198,7 +193,9 @@ class GuardedFetcher:
             if size > self.max_bytes:
                 raise TooLarge(f"{shown} sent more than the limit of {self.max_bytes} bytes")
             if time.monotonic() - started > self.timeout_s:
-                raise InvalidInput(f"{shown} did not finish sending within {self.timeout_s:.0f} s", code="fetch_too_slow")
+                raise InvalidInput(
+                    f"{shown} did not finish sending within {self.timeout_s:.0f} s", code="fetch_too_slow"
+                )
             digest.update(chunk)
             fileobj.write(chunk)
         return FetchResult(size, digest.hexdigest(), response.headers.get("content-type"), url)

@@ -13,7 +13,7 @@ import json
 import time
 import uuid
 from collections.abc import Iterable, Mapping
-from typing import Any, cast
+from typing import Any
 
 import redis
 
@@ -122,7 +122,7 @@ def _now() -> float:
 
 
 class JobStore:
-    def __init__(self, client: redis.Redis, prefix: str = "lipsync") -> None:
+    def __init__(self, client: redis.Redis[bytes], prefix: str = "lipsync") -> None:
         self.redis = client
         self.prefix = prefix
         self.schedule_key = f"{prefix}:schedule"
@@ -151,9 +151,7 @@ class JobStore:
         """
         document = job.model_dump(mode="json")
         # Absent, not null: "no fal request yet" must be testable with HEXISTS in Lua.
-        fields = {
-            name: json.dumps(document[name]) for name in _JSON_FIELDS if document[name] is not None
-        }
+        fields = {name: json.dumps(document[name]) for name in _JSON_FIELDS if document[name] is not None}
         fields["status"] = job.status.value
         fields["ts:queued"] = repr(job.created_at)
         fields["id"] = job.id
@@ -183,7 +181,7 @@ class JobStore:
         return existing, False
 
     def get(self, job_id: str) -> Job:
-        raw = cast(dict[bytes, bytes], self.redis.hgetall(self.job_key(job_id)))
+        raw = self.redis.hgetall(self.job_key(job_id))
         if not raw:
             raise JobNotFound(f"no job with id {job_id!r}")
         return _decode(job_id, raw)
@@ -200,14 +198,9 @@ class JobStore:
         pipe = self.redis.pipeline(transaction=False)
         for job_id in ids:
             pipe.hget(self.job_key(job_id), "status")
-        return {
-            job_id: JobStatus(_text(raw)) if raw else None
-            for job_id, raw in zip(ids, pipe.execute(), strict=True)
-        }
+        return {job_id: JobStatus(_text(raw)) if raw else None for job_id, raw in zip(ids, pipe.execute(), strict=True)}
 
-    def list_ids(
-        self, *, status: JobStatus | None = None, batch_id: str | None = None, limit: int = 100
-    ) -> list[str]:
+    def list_ids(self, *, status: JobStatus | None = None, batch_id: str | None = None, limit: int = 100) -> list[str]:
         if batch_id is not None:
             ids = [_text(i) for i in self.redis.zrange(f"{self.prefix}:batch:{batch_id}", 0, -1)]
             if status is not None:
@@ -332,10 +325,6 @@ def _decode(job_id: str, raw: Mapping[bytes, bytes]) -> Job:
     for name in _JSON_FIELDS:
         if name in fields:
             document[name] = json.loads(fields[name])
-    document["timestamps"] = {
-        name[3:]: float(value) for name, value in fields.items() if name.startswith("ts:")
-    }
-    document["attempts"] = {
-        name[9:]: int(value) for name, value in fields.items() if name.startswith("attempts:")
-    }
+    document["timestamps"] = {name[3:]: float(value) for name, value in fields.items() if name.startswith("ts:")}
+    document["attempts"] = {name[9:]: int(value) for name, value in fields.items() if name.startswith("attempts:")}
     return Job.model_validate(document)

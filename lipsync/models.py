@@ -40,9 +40,7 @@ class Sync3ActiveSpeakerDetection(_Strict):
     use_v2: bool | None = None
     frame_number: Annotated[int, Field(ge=0)] | None = None
     coordinates: Annotated[list[int], Field(min_length=2, max_length=2)] | None = None
-    bounding_boxes: list[Annotated[list[float], Field(min_length=4, max_length=4)] | None] | None = (
-        None
-    )
+    bounding_boxes: list[Annotated[list[float], Field(min_length=4, max_length=4)] | None] | None = None
     bounding_boxes_url: str | None = None
     face_image: str | None = None
 

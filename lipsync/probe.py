@@ -46,9 +46,7 @@ def probe(path: str) -> ProbeResult:
 def _probe(container: av.container.InputContainer) -> ProbeResult:
     video = next((s for s in container.streams.video if s.codec_context is not None), None)
     audio = next((s for s in container.streams.audio), None)
-    if video is not None and video.codec_context.name in ("png", "mjpeg", "bmp", "gif") and (
-        video.frames <= 1
-    ):
+    if video is not None and video.codec_context.name in ("png", "mjpeg", "bmp", "gif") and (video.frames <= 1):
         video = None  # a still image (or cover art) is not a video
     if video is None and audio is None:
         raise InvalidInput("the file is not a readable audio or video file (no audio or video stream)")
@@ -77,9 +75,7 @@ def _probe(container: av.container.InputContainer) -> ProbeResult:
     )
 
 
-def _stream_length(
-    container: av.container.InputContainer, stream: av.stream.Stream
-) -> tuple[float, int | None]:
+def _stream_length(container: av.container.InputContainer, stream: av.stream.Stream) -> tuple[float, int | None]:
     """(seconds, frames) from the stream header, or by walking the packets when it has none."""
     base = stream.time_base or Fraction(1, 1)
     if stream.duration and stream.duration > 0:

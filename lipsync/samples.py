@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from fractions import Fraction
+from typing import Any
 
 import av
 import numpy as np
@@ -62,10 +63,11 @@ def speech_like(seconds: float, sample_rate: int) -> np.ndarray:
     voiced = np.sin(phase) + 0.5 * np.sin(2 * phase) + 0.25 * np.sin(3 * phase)
     syllables = np.clip(np.sin(2 * math.pi * 3.5 * t), 0, None) ** 0.5  # ~4 syllables/s
     pauses = (np.sin(2 * math.pi * 0.4 * t) > -0.8).astype(float)
-    return (0.25 * voiced * syllables * pauses).astype(np.float32)
+    samples: np.ndarray = (0.25 * voiced * syllables * pauses).astype(np.float32)
+    return samples
 
 
-def _write_audio(container: av.container.OutputContainer, stream: av.stream.Stream, seconds: float, sample_rate: int) -> None:
+def _write_audio(container: av.container.OutputContainer, stream: Any, seconds: float, sample_rate: int) -> None:
     samples = speech_like(seconds, sample_rate)
     codec = stream.codec_context
     frame_size = codec.frame_size or 1024

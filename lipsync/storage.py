@@ -9,7 +9,8 @@ from typing import Any, BinaryIO, Protocol
 import boto3
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError, ConnectionError as BotoConnectionError
+from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from config.settings import Settings
 from lipsync.errors import InvalidInput, PermanentError, RetryableError, TooLarge
@@ -46,7 +47,9 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
 
 
 class Storage:
-    def __init__(self, settings: Settings, *, connect_timeout_s: float = 5, read_timeout_s: float = 60, max_attempts: int = 5) -> None:
+    def __init__(
+        self, settings: Settings, *, connect_timeout_s: float = 5, read_timeout_s: float = 60, max_attempts: int = 5
+    ) -> None:
         self.settings = settings
         self.bucket = settings.s3_bucket
         self.client: Any = boto3.client(
@@ -96,7 +99,9 @@ class Storage:
         except (ClientError, BotoCoreError) as exc:
             raise self._error(exc, self.uri(key), ours=True) from None
 
-    def upload_fileobj(self, fileobj: BinaryIO, key: str, *, content_type: str, metadata: dict[str, str] | None = None) -> None:
+    def upload_fileobj(
+        self, fileobj: BinaryIO, key: str, *, content_type: str, metadata: dict[str, str] | None = None
+    ) -> None:
         extra = {"ContentType": content_type, "Metadata": metadata or {}}
         try:
             self.client.upload_fileobj(fileobj, self.bucket, key, ExtraArgs=extra, Config=self.transfer)
@@ -153,7 +158,9 @@ class Storage:
     @staticmethod
     def _error(exc: Exception, where: str, ours: bool = False) -> Exception:
         if isinstance(exc, BotoConnectionError | BotoCoreError) and not isinstance(exc, ClientError):
-            return RetryableError(f"S3 unavailable while accessing {where}: {type(exc).__name__}", code="s3_unavailable")
+            return RetryableError(
+                f"S3 unavailable while accessing {where}: {type(exc).__name__}", code="s3_unavailable"
+            )
         code = _code(exc)
         if code in _RETRYABLE_CODES:
             return RetryableError(f"S3 answered {code} for {where}; will try again", code="s3_unavailable")

@@ -6,6 +6,7 @@ after that is the workers'. Errors are `lipsync.errors` exceptions with readable
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import json
 import logging
@@ -41,9 +42,7 @@ def request_digest(request: LipsyncInput) -> str:
 class LipsyncClient:
     def __init__(self, settings: Settings | None = None) -> None:
         self.settings = settings or get_settings()
-        self.redis = redis.Redis.from_url(
-            self.settings.redis_url, socket_timeout=10, socket_connect_timeout=5
-        )
+        self.redis = redis.Redis.from_url(self.settings.redis_url, socket_timeout=10, socket_connect_timeout=5)
         self.store = JobStore(self.redis, self.settings.key_prefix)
 
     @cached_property
@@ -113,12 +112,8 @@ class LipsyncClient:
         batch_id: str | None = None,
         base_dir: Path | None = None,
     ) -> Job:
-        request = self.build_request(
-            video, audio, sync_mode=sync_mode, options=options, base_dir=base_dir
-        )
-        return self.submit_request(
-            request, idempotency_key=idempotency_key, metadata=metadata, batch_id=batch_id
-        )
+        request = self.build_request(video, audio, sync_mode=sync_mode, options=options, base_dir=base_dir)
+        return self.submit_request(request, idempotency_key=idempotency_key, metadata=metadata, batch_id=batch_id)
 
     def submit_request(
         self,
@@ -163,9 +158,7 @@ class LipsyncClient:
             job.output.presigned_url = self.storage.presign_get(key, self.settings.presign_ttl_s)
         return job
 
-    def list(
-        self, *, status: JobStatus | None = None, batch_id: str | None = None, limit: int = 100
-    ) -> list[Job]:
+    def list(self, *, status: JobStatus | None = None, batch_id: str | None = None, limit: int = 100) -> list[Job]:
         return self.store.get_many(self.store.list_ids(status=status, batch_id=batch_id, limit=limit))
 
     def wait(
@@ -175,7 +168,7 @@ class LipsyncClient:
         timeout_s: float | None = None,
         interval_s: float = 0.5,
         on_progress: Callable[[dict[str, JobStatus | None]], None] | None = None,
-    ) -> list[Job]:
+    ) -> builtins.list[Job]:
         """Block until every job is terminal (or the timeout passes); returns the jobs."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         pending = list(dict.fromkeys(job_ids))
@@ -248,9 +241,7 @@ class LipsyncClient:
         """Start a failed or cancelled job over, from staging, with a fresh deadline."""
         job = self.store.get(job_id)
         if job.status not in (JobStatus.failed, JobStatus.cancelled):
-            raise InvalidTransition(
-                f"job {job_id} is {job.status.value}; only failed or cancelled jobs can be retried"
-            )
+            raise InvalidTransition(f"job {job_id} is {job.status.value}; only failed or cancelled jobs can be retried")
         now = time.time()
         applied, before = self.store.transition(
             job_id,

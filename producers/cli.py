@@ -90,7 +90,7 @@ def main() -> None:
 @click.option("--video", required=True, help="https URL, s3://bucket/key, local file or data: URI")
 @click.option("--audio", required=True, help="https URL, s3://bucket/key, local file or data: URI")
 @click.option("--sync-mode", type=click.Choice(["cut_off", "loop", "bounce", "silence", "remap"]))
-@click.option("--options", "options_json", help="sync-3 options as JSON, e.g. '{\"model_mode\": \"lips\"}'")
+@click.option("--options", "options_json", help='sync-3 options as JSON, e.g. \'{"model_mode": "lips"}\'')
 @click.option("--idempotency-key", help="the same key returns the same job")
 @click.option("--metadata", "metadata_json", help="your own ids as a JSON object, echoed back")
 @click.option("--wait", is_flag=True, help="wait until the job ends")
@@ -98,8 +98,14 @@ def main() -> None:
 @click.option("--json", "as_json", is_flag=True, help="print the job record as JSON")
 @friendly_errors
 def submit(
-    video: str, audio: str, sync_mode: str | None, options_json: str | None,
-    idempotency_key: str | None, metadata_json: str | None, wait: bool, timeout: float | None,
+    video: str,
+    audio: str,
+    sync_mode: str | None,
+    options_json: str | None,
+    idempotency_key: str | None,
+    metadata_json: str | None,
+    wait: bool,
+    timeout: float | None,
     as_json: bool,
 ) -> None:
     """Submit one (video, audio) pair."""
@@ -107,7 +113,11 @@ def submit(
     metadata = _json_object("--metadata", metadata_json)
     client = _client()
     job = client.submit(
-        video, audio, sync_mode=sync_mode, options=options, idempotency_key=idempotency_key,
+        video,
+        audio,
+        sync_mode=sync_mode,
+        options=options,
+        idempotency_key=idempotency_key,
         metadata={str(k): str(v) for k, v in (metadata or {}).items()},
     )
     if not wait:
@@ -163,8 +173,13 @@ def batch(manifest: Path, no_wait: bool, timeout: float | None, as_json: bool) -
 def follow(client: Any, job_ids: Sequence[str], timeout: float | None) -> list[Job]:
     """Wait with a live progress bar: done / total, and the count in each status."""
     with Progress(
-        TextColumn("[bold]jobs"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        TextColumn("{task.description}"), console=console, transient=False,
+        TextColumn("[bold]jobs"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.description}"),
+        console=console,
+        transient=False,
     ) as progress:
         task = progress.add_task("", total=len(job_ids))
 
@@ -189,11 +204,15 @@ def summary_table(jobs: Sequence[Job]) -> Table:
         end = job.timestamps.get(job.status.value, job.updated_at)
         detail = job.output.url if job.output else (job.error.message if job.error else "")
         table.add_row(
-            job.id[:12], job.request.effective_sync_mode.value,
-            f"{video.duration:.2f}" if video else "", f"{audio.duration:.2f}" if audio else "",
+            job.id[:12],
+            job.request.effective_sync_mode.value,
+            f"{video.duration:.2f}" if video else "",
+            f"{audio.duration:.2f}" if audio else "",
             f"{job.output.duration:.2f}" if job.output and job.output.duration else "",
-            _status_text(job.status), f"{end - job.created_at:.1f}",
-            f"${job.cost_estimate_usd:.3f}" if job.cost_estimate_usd is not None else "", detail,
+            _status_text(job.status),
+            f"{end - job.created_at:.1f}",
+            f"${job.cost_estimate_usd:.3f}" if job.cost_estimate_usd is not None else "",
+            detail,
         )
     return table
 
@@ -278,8 +297,18 @@ def worker(ctx: click.Context, queues: str, concurrency: int | None, pool: str |
     if concurrency is None:
         concurrency = settings.api_concurrency if names == {"api"} else settings.transfer_concurrency
     app.worker_main(
-        ["worker", "--queues", ",".join(sorted(names)), "--pool", pool, "--concurrency", str(concurrency),
-         "--loglevel", loglevel, *ctx.args]
+        [
+            "worker",
+            "--queues",
+            ",".join(sorted(names)),
+            "--pool",
+            pool,
+            "--concurrency",
+            str(concurrency),
+            "--loglevel",
+            loglevel,
+            *ctx.args,
+        ]
     )
 
 

@@ -55,8 +55,7 @@ def run_demo(out_dir: Path, latency: str) -> int:
             client = LipsyncClient(settings)
             client.storage.ensure_bucket()
             jobs = [
-                client.submit(*media[(video_s, audio_s)], sync_mode=mode.value)
-                for mode, video_s, audio_s in DEMO_PAIRS
+                client.submit(*media[(video_s, audio_s)], sync_mode=mode.value) for mode, video_s, audio_s in DEMO_PAIRS
             ]
             console.print(f"submitted {len(jobs)} jobs; Flower: {stack.flower_url}")
             finished = follow(client, [job.id for job in jobs], timeout=600)
@@ -66,7 +65,9 @@ def run_demo(out_dir: Path, latency: str) -> int:
                     key = job.output.url.split("/", 3)[3]
                     target = out_dir / f"{job.request.effective_sync_mode.value}-{job.id[:8]}.mp4"
                     with target.open("wb") as handle:
-                        client.storage.download_to_file(settings.s3_bucket, key, handle, max_bytes=settings.max_input_bytes)
+                        client.storage.download_to_file(
+                            settings.s3_bucket, key, handle, max_bytes=settings.max_input_bytes
+                        )
             console.print(f"outputs downloaded to {out_dir.resolve()}/ — play them with any video player")
             client.close()
             return 0 if all(job.status is JobStatus.completed for job in finished) else 1

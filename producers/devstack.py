@@ -84,14 +84,22 @@ def spawn_redis(port: int, workdir: Path) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [
             binary,
-            "--port", str(port),
-            "--bind", "127.0.0.1",
-            "--dir", str(workdir),
-            "--appendonly", "yes",
-            "--appendfsync", "everysec",
-            "--save", "",
-            "--maxmemory-policy", "noeviction",
-            "--loglevel", "warning",
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(workdir),
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "everysec",
+            "--save",
+            "",
+            "--maxmemory-policy",
+            "noeviction",
+            "--loglevel",
+            "warning",
         ],  # fmt: skip
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -193,16 +201,27 @@ DEFAULT_WORKERS = (
 )
 
 
-def spawn_worker(
-    spec: WorkerSpec, env: Mapping[str, str], log: IO[bytes] | None = None
-) -> subprocess.Popen[bytes]:
+def spawn_worker(spec: WorkerSpec, env: Mapping[str, str], log: IO[bytes] | None = None) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [
-            sys.executable, "-m", "celery", "-A", "workers.app", "worker",
-            "--queues", spec.queues, "--pool", spec.pool,
-            "--concurrency", str(spec.concurrency),
-            "--hostname", f"{spec.name}-{secrets.token_hex(3)}@%h",
-            "--loglevel", "INFO", "--without-mingle", "--without-gossip",
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "workers.app",
+            "worker",
+            "--queues",
+            spec.queues,
+            "--pool",
+            spec.pool,
+            "--concurrency",
+            str(spec.concurrency),
+            "--hostname",
+            f"{spec.name}-{secrets.token_hex(3)}@%h",
+            "--loglevel",
+            "INFO",
+            "--without-mingle",
+            "--without-gossip",
         ],  # fmt: skip
         env={**os.environ, **env},
         stdout=log or subprocess.DEVNULL,
@@ -216,8 +235,15 @@ def spawn_flower(
 ) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [
-            sys.executable, "-m", "celery", "-A", "workers.app", "flower",
-            f"--port={port}", "--address=127.0.0.1", f"--basic-auth={basic_auth}",
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "workers.app",
+            "flower",
+            f"--port={port}",
+            "--address=127.0.0.1",
+            f"--basic-auth={basic_auth}",
             "--max-tasks=10000",
         ],  # fmt: skip
         env={**os.environ, **env},

@@ -26,7 +26,12 @@ _CHUNK = 1024 * 1024
 
 
 def resolve_source(
-    role: str, source: str, *, settings: Settings, storage: Storage, fetcher: GuardedFetcher,
+    role: str,
+    source: str,
+    *,
+    settings: Settings,
+    storage: Storage,
+    fetcher: GuardedFetcher,
     base_dir: Path | None = None,
 ) -> str:
     """Turn what a user gave as `role` (video or audio) into an https:// or s3:// URL."""
@@ -64,8 +69,7 @@ def _upload_file(role: str, path: Path, settings: Settings, storage: Storage) ->
         raise InvalidInput(f"the {role} file {str(path)!r} is empty (0 bytes)")
     if size > settings.max_input_bytes:
         raise TooLarge(
-            f"the {role} file {str(path)!r} is {size} bytes, over the limit of "
-            f"{settings.max_input_bytes} bytes"
+            f"the {role} file {str(path)!r} is {size} bytes, over the limit of {settings.max_input_bytes} bytes"
         )
     digest = hashlib.sha256()
     with path.open("rb") as handle:
@@ -88,10 +92,8 @@ def _upload_path(path: str, sha256: str, suffix: str, settings: Settings, storag
 def _upload_data_uri(role: str, uri: str, settings: Settings, storage: Storage) -> str:
     header = _DATA_URI.match(uri)
     if header is None:
-        raise InvalidInput(
-            f"the {role} data: URI is malformed; expected data:<type>;base64,<data>"
-        )
-    payload = uri[header.end():]
+        raise InvalidInput(f"the {role} data: URI is malformed; expected data:<type>;base64,<data>")
+    payload = uri[header.end() :]
     if len(payload) * 3 // 4 > settings.max_input_bytes:
         raise TooLarge(f"the {role} data: URI is over the limit of {settings.max_input_bytes} bytes")
     try:

@@ -18,7 +18,7 @@ from lipsync.storage import Storage
 @dataclass
 class Context:
     settings: Settings
-    redis: redis.Redis
+    redis: redis.Redis[bytes]
     store: JobStore
     admission: AdmissionControl
     storage: Storage

@@ -66,7 +66,5 @@ class Dispatcher:
                 if QUEUE_OF[task] == "transfer":
                     # A transfer may wait behind big files in its queue; don't resend it soon.
                     self.store.schedule(job_id, time.time() + settings.transfer_lease_s)
-                self.app.send_task(
-                    f"lipsync.{task}", args=[job_id], queue=QUEUE_OF[task], producer=producer
-                )
+                self.app.send_task(f"lipsync.{task}", args=[job_id], queue=QUEUE_OF[task], producer=producer)
         return len(due)

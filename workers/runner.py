@@ -36,7 +36,7 @@ QUEUE_OF: dict[str, str] = {"stage": "transfer", "store": "transfer", "submit": 
 def backoff(attempt: int, initial: float, cap: float) -> float:
     """Exponential backoff with jitter: about initial·2^(attempt-1), at most `cap`."""
     base = min(cap, initial * (2 ** max(0, attempt - 1)))
-    return base * random.uniform(0.75, 1.25)
+    return float(base * random.uniform(0.75, 1.25))
 
 
 def lease_for(stage: str, ctx: Context) -> float:
@@ -63,9 +63,7 @@ class Lease:
 StageFunction = Callable[[Job, Context, Lease], str | None]
 
 
-def run_stage(
-    stage: str, job_id: str, ctx: Context, handles: frozenset[JobStatus], work: StageFunction
-) -> str | None:
+def run_stage(stage: str, job_id: str, ctx: Context, handles: frozenset[JobStatus], work: StageFunction) -> str | None:
     """Run one stage of one job. Returns the next task to send at once, if any."""
     owner = uuid.uuid4().hex
     seconds = lease_for(stage, ctx)
@@ -102,9 +100,7 @@ def run_stage(
     return next_task
 
 
-def retry_later(
-    job: Job, stage: str, ctx: Context, owner: str, message: str, code: str, delay: float | None
-) -> None:
+def retry_later(job: Job, stage: str, ctx: Context, owner: str, message: str, code: str, delay: float | None) -> None:
     settings = ctx.settings
     attempt = job.attempts.get(f"retry_{stage}", 0) + 1
     if stage == "poll":

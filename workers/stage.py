@@ -67,13 +67,12 @@ def stage_input(
         writer = HashingWriter(fileobj, on_write=lease.heartbeat)
         if source.startswith("s3://"):
             bucket, key = parse_s3_uri(source)
-            storage.download_to_file(bucket, key, writer, max_bytes=settings.max_input_bytes)  # type: ignore[arg-type]
+            storage.download_to_file(bucket, key, writer, max_bytes=settings.max_input_bytes)
         elif source.startswith(("https://", "http://")):
-            fetcher.fetch_to_file(source, writer)  # type: ignore[arg-type]
+            fetcher.fetch_to_file(source, writer)
         else:
             raise InvalidInput(
-                f"{role}_url must be an https:// or s3:// URL (local files and data: URIs are "
-                "uploaded by the producer)"
+                f"{role}_url must be an https:// or s3:// URL (local files and data: URIs are uploaded by the producer)"
             )
         fileobj.flush()
         if writer.size == 0:
@@ -117,11 +116,13 @@ def validate(role: str, found: ProbeResult, settings: Settings) -> None:
         raise InvalidInput(f"the {role} input has no duration; is it a still image?")
     if found.duration > settings.max_duration_s:
         raise InvalidInput(
-            f"the {role} input lasts {found.duration:.1f} s, over the limit of "
-            f"{settings.max_duration_s:.0f} s"
+            f"the {role} input lasts {found.duration:.1f} s, over the limit of {settings.max_duration_s:.0f} s"
         )
-    if role == "video" and found.width and found.height and (
-        found.width > settings.max_width or found.height > settings.max_height
+    if (
+        role == "video"
+        and found.width
+        and found.height
+        and (found.width > settings.max_width or found.height > settings.max_height)
     ):
         raise InvalidInput(
             f"the video is {found.width}x{found.height}; the largest accepted is "

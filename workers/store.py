@@ -25,7 +25,7 @@ def store(job: Job, ctx: Context, lease: Lease) -> str | None:
     with spool(ctx.settings.work_dir, suffix=".mp4") as (path, fileobj):
         writer = HashingWriter(fileobj, on_write=lease.heartbeat)
         try:
-            ctx.fetcher.fetch_to_file(source, writer)  # type: ignore[arg-type]
+            ctx.fetcher.fetch_to_file(source, writer)
         except InvalidInput as exc:
             raise PermanentError(
                 f"the output could not be downloaded from fal: {exc.message}", code="output_unavailable"

@@ -22,9 +22,7 @@ CLAIM_FIELD = "submit_claimed_at"
 def submit(job: Job, ctx: Context, lease: Lease) -> str | None:
     store, settings = ctx.store, ctx.settings
     if job.fal is not None:  # a redelivered submit whose job already has its request
-        store.transition(
-            job.id, JobStatus.submitted, from_=HANDLES, schedule_at=time.time(), event="already submitted"
-        )
+        store.transition(job.id, JobStatus.submitted, from_=HANDLES, schedule_at=time.time(), event="already submitted")
         return "poll"
     if store.raw_field(job.id, CLAIM_FIELD) is not None:
         raise SubmitOutcomeUnknown(

@@ -3,11 +3,11 @@ the job on. The stage functions know nothing of Celery."""
 
 from __future__ import annotations
 
+from lipsync.models import JobStatus
 from workers import poll, stage, store, submit
 from workers.app import app
 from workers.context import get_context
 from workers.runner import QUEUE_OF, StageFunction, run_stage
-from lipsync.models import JobStatus
 
 STAGES: dict[str, tuple[frozenset[JobStatus], StageFunction]] = {
     "stage": (stage.HANDLES, stage.stage),

@@ -6,7 +6,7 @@ import hashlib
 import os
 import tempfile
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import BinaryIO
 
 
@@ -45,7 +45,5 @@ def spool(work_dir: str, suffix: str = "") -> Iterator[tuple[str, BinaryIO]]:
         with os.fdopen(handle, "w+b") as fileobj:
             yield path, fileobj
     finally:
-        try:
+        with suppress(FileNotFoundError):
             os.unlink(path)
-        except FileNotFoundError:
-            pass

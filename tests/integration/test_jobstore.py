@@ -58,7 +58,9 @@ def test_only_one_of_many_concurrent_claims_wins(store: JobStore) -> None:
     job, _ = store.create(new_job(store), dispatch_lease_s=30)
 
     def claim(_: int) -> bool:
-        return store.transition(job.id, None, require_absent=["submit_claimed_at"], set_fields={"_submit_claimed_at": "1"})[0]
+        return store.transition(
+            job.id, None, require_absent=["submit_claimed_at"], set_fields={"_submit_claimed_at": "1"}
+        )[0]
 
     with ThreadPoolExecutor(16) as pool:
         assert sum(pool.map(claim, range(64))) == 1

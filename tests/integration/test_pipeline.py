@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from lipsync.errors import IdempotencyConflict, InvalidInput
-from lipsync.models import JobStatus, output_duration, SyncMode
+from lipsync.models import JobStatus, SyncMode, output_duration
 from lipsync.probe import probe
 
 FRAME = 1 / 25  # the sample videos run at 25 fps
@@ -32,9 +32,20 @@ def test_cli_submit_local_files_loop_waits_and_prints_the_completed_job(
 ) -> None:
     result = subprocess.run(
         [
-            sys.executable, "-m", "producers.cli", "submit",
-            "--video", media["video_3s"], "--audio", media["audio_5s"],
-            "--sync-mode", "loop", "--wait", "--json", "--timeout", "120",
+            sys.executable,
+            "-m",
+            "producers.cli",
+            "submit",
+            "--video",
+            media["video_3s"],
+            "--audio",
+            media["audio_5s"],
+            "--sync-mode",
+            "loop",
+            "--wait",
+            "--json",
+            "--timeout",
+            "120",
         ],  # fmt: skip
         env={**os.environ, **stack_env},
         capture_output=True,
@@ -171,9 +182,7 @@ def test_lost_submit_answer_fails_the_job_without_a_second_request(
     assert emulator.counters()["by_marker"][job.id] == 1
 
 
-def test_model_error_fails_the_job_with_fals_own_error(
-    client: Any, media: dict[str, str], emulator: Any
-) -> None:
+def test_model_error_fails_the_job_with_fals_own_error(client: Any, media: dict[str, str], emulator: Any) -> None:
     emulator.set_faults(model_error="once")
     try:
         job = client.submit(media["video_3s"], media["audio_3s"])
@@ -185,9 +194,7 @@ def test_model_error_fails_the_job_with_fals_own_error(
     assert job.error.message.startswith("fal could not process the request")
 
 
-def test_cancel_stops_the_fal_request_and_retry_starts_over(
-    client: Any, media: dict[str, str], emulator: Any
-) -> None:
+def test_cancel_stops_the_fal_request_and_retry_starts_over(client: Any, media: dict[str, str], emulator: Any) -> None:
     emulator.configure(latency="5")
     try:
         job = client.submit(media["video_3s"], media["audio_3s"])

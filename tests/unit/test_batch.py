@@ -27,9 +27,7 @@ def test_jsonl_manifest_reports_bad_lines_and_keeps_good_ones(tmp_path: Path) ->
 
 def test_csv_manifest_with_options_column(tmp_path: Path) -> None:
     manifest = tmp_path / "jobs.csv"
-    manifest.write_text(
-        'video,audio,sync_mode,options\na.mp4,a.wav,remap,"{""model_mode"": ""lips""}"\nb.mp4,,,\n'
-    )
+    manifest.write_text('video,audio,sync_mode,options\na.mp4,a.wav,remap,"{""model_mode"": ""lips""}"\nb.mp4,,,\n')
     entries, errors = read_manifest(manifest)
     assert entries[0].options == {"model_mode": "lips"} and entries[0].sync_mode == "remap"
     assert errors[0].line == 3 and "no audio" in errors[0].message

@@ -38,7 +38,9 @@ def test_submit_sends_key_marker_and_webhook_and_reads_the_urls() -> None:
             "cancel_url": REQUEST.cancel_url, "queue_position": 3,
         })  # fmt: skip
 
-    made = client(handler).submit({"video_url": "v", "audio_url": "a"}, marker="job-1", webhook_url="https://hook.test/x")
+    made = client(handler).submit(
+        {"video_url": "v", "audio_url": "a"}, marker="job-1", webhook_url="https://hook.test/x"
+    )
     assert made.request_id == "r1" and made.queue_position == 3
     assert seen[0].headers["authorization"] == "Key k-123456"
     assert seen[0].headers["x-lipsync-job-id"] == "job-1"
@@ -61,7 +63,11 @@ def test_ingress_5xx_without_request_id_is_retryable() -> None:
 
 
 def test_runner_5xx_is_retryable_and_names_the_error_type() -> None:
-    fal = client(lambda r: httpx.Response(503, headers={"x-fal-request-id": "r1", "X-Fal-Error-Type": "runner_unavailable"}, json={"detail": "busy"}))
+    fal = client(
+        lambda r: httpx.Response(
+            503, headers={"x-fal-request-id": "r1", "X-Fal-Error-Type": "runner_unavailable"}, json={"detail": "busy"}
+        )
+    )
     with pytest.raises(RetryableError, match="runner_unavailable"):
         fal.status(REQUEST)
 
@@ -85,7 +91,11 @@ def test_connect_failure_on_submit_is_retryable_because_nothing_was_sent() -> No
 
 
 def test_validation_error_is_permanent_and_readable() -> None:
-    fal = client(lambda r: httpx.Response(422, json={"detail": [{"loc": ["body", "sync_mode"], "msg": "bad enum", "type": "enum"}]}))
+    fal = client(
+        lambda r: httpx.Response(
+            422, json={"detail": [{"loc": ["body", "sync_mode"], "msg": "bad enum", "type": "enum"}]}
+        )
+    )
     with pytest.raises(InvalidInput, match="sync_mode: bad enum"):
         fal.submit({}, marker="j")
 
@@ -100,7 +110,8 @@ def test_unauthorised_key_is_permanent_and_the_key_is_not_in_the_message() -> No
 def test_status_reads_queue_position_logs_and_failure() -> None:
     bodies = iter([
         (202, {"status": "IN_QUEUE", "queue_position": 4}),
-        (202, {"status": "IN_PROGRESS", "logs": [{"message": "loading", "level": "INFO", "source": "user", "timestamp": "t"}]}),
+        (202, {"status": "IN_PROGRESS",
+               "logs": [{"message": "loading", "level": "INFO", "source": "user", "timestamp": "t"}]}),
         (200, {"status": "COMPLETED", "error": "runner died", "error_type": "runner_disconnected"}),
     ])  # fmt: skip
 
