@@ -263,8 +263,6 @@ class Emulator:
     def _finish(self, found: FalRequest) -> None:
         found.status, found.finished = "COMPLETED", time.time()
         self.counters["completed"] += 1
-        if "expire_result" in found.inject:
-            self.requests.pop(found.id, None)
         self._notify(found)
 
     def _fail(self, found: FalRequest, kind: str, message: str, status: int, body: Any = None) -> None:
@@ -452,6 +450,8 @@ def build_app(emulator: Emulator) -> Starlette:
                 return _fal_json({"detail": "Request not found"}, 404)
             if found.status != "COMPLETED":
                 return _fal_json({"detail": "Request is still in progress"}, 400, request_id=found.id)
+            if "expire_result" in found.inject:  # retention ran out before the result was fetched
+                return _fal_json({"detail": "Request not found"}, 404)
             if found.error:
                 return _fal_json(
                     found.error_body,

@@ -6,6 +6,7 @@ besides the fal protocol itself.
 
 from __future__ import annotations
 
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -27,7 +28,8 @@ class EmulatorProcess:
         scheme = "https" if tls else "http"
         self.url = f"{scheme}://127.0.0.1:{port}"
         self.cert_path = data_dir / "tls" / "emulator-cert.pem" if tls else None
-        self._admin = httpx.Client(base_url=self.url, timeout=30, verify=str(self.cert_path) if tls else True)
+        verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=str(self.cert_path)) if tls else True
+        self._admin = httpx.Client(base_url=self.url, timeout=30, verify=verify)
 
     # admin API ----------------------------------------------------------------
     def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:

@@ -57,8 +57,8 @@ class Sync3GenerationOptions(_Strict):
 class LipsyncInput(_Strict):
     """The input of `fal-ai/sync-lipsync/v3`."""
 
-    video_url: Annotated[str, Field(min_length=1, max_length=8192)]
-    audio_url: Annotated[str, Field(min_length=1, max_length=8192)]
+    video_url: Annotated[str, Field(min_length=1)]
+    audio_url: Annotated[str, Field(min_length=1)]
     sync_mode: SyncMode = SyncMode.cut_off
     options: Sync3GenerationOptions | None = None
 
@@ -188,6 +188,9 @@ class Job(BaseModel):
     request_digest: str
     batch_id: str | None = None
     metadata: dict[str, str] = Field(default_factory=dict)
+    # Set by the HTTP gateway: who owns the job, and where to POST it when it ends.
+    tenant: str | None = None
+    callback_url: str | None = None
     inputs: dict[str, MediaInfo] = Field(default_factory=dict)
     fal: FalRequest | None = None
     logs: list[FalLog] = Field(default_factory=list)
