@@ -6,16 +6,56 @@ line of defence for presigned URLs and the fal key should one slip into a messag
 
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
 import re
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from config.settings import Settings
 
 # A URL's query string may be a presigned signature: drop it wherever it appears.
 _QUERY = re.compile(r"(https?://[^\s?\"']+)\?[^\s\"']*")
 _CONFIGURED = False
+# The job (and its fal request) a worker is busy with: put on every line logged meanwhile.
+_JOB_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("job_id", default=None)
+_REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
+
+
+@contextmanager
+def job_log_context(job_id: str) -> Iterator[None]:
+    """Lines logged inside carry `job_id` (and `request_id` once `bind_request_id` knows it)."""
+    job_token, request_token = _JOB_ID.set(job_id), _REQUEST_ID.set(None)
+    try:
+        yield
+    finally:
+        _JOB_ID.reset(job_token)
+        _REQUEST_ID.reset(request_token)
+
+
+def bind_request_id(job_id: str, request_id: str) -> None:
+    if _JOB_ID.get() == job_id:
+        _REQUEST_ID.set(request_id)
+
+
+class JobContextFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "job_id", None) is None:
+            record.job_id = _JOB_ID.get()
+        if getattr(record, "request_id", None) is None:
+            record.request_id = _REQUEST_ID.get()
+        return True
+
+
+class TextFormatter(logging.Formatter):
+    """The plain format, with the job's ids appended when known."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        ids = [f"{name}={value}" for name in ("job_id", "request_id") if (value := getattr(record, name, None))]
+        return f"{line} [{' '.join(ids)}]" if ids else line
 
 
 class RedactingFilter(logging.Filter):
@@ -63,8 +103,9 @@ def configure_logging(settings: Settings) -> None:
     if settings.log_json:
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"))
+        handler.setFormatter(TextFormatter("%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"))
     handler.addFilter(RedactingFilter([settings.fal_key.get_secret_value()]))
+    handler.addFilter(JobContextFilter())
     root = logging.getLogger()
     root.handlers = [handler]
     root.setLevel(settings.log_level.upper())

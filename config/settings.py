@@ -68,6 +68,12 @@ class Settings(BaseSettings):
     run_dispatcher: bool = True
     work_dir: str = ""  # temp files for media in transit; empty = the system's temp dir
 
+    # Prometheus /metrics from each worker's main process (0 = off). Prefork children share values
+    # through files in metrics_dir (empty: a per-port dir under the system's temp dir, wiped at start).
+    metrics_port: int = 9808
+    metrics_address: str = "127.0.0.1"
+    metrics_dir: str = ""
+
     # Flower's basic auth, "user:password"; Flower refuses to start without it.
     flower_basic_auth: SecretStr = SecretStr("")
 

@@ -44,8 +44,10 @@ end
 local now = spec['now']
 local to = spec['to']
 if to then
-  redis.call('HSET', KEYS[1], 'status', to, 'ts:' .. to, now)
+  redis.call('HSET', KEYS[1], 'status', to)
   if to ~= cur then
+    -- ts:<status> is when the job entered it: a poll that finds it still in_queue keeps it.
+    redis.call('HSET', KEYS[1], 'ts:' .. to, now)
     redis.call('SREM', spec['prefix'] .. ':status:' .. cur, spec['id'])
     redis.call('SADD', spec['prefix'] .. ':status:' .. to, spec['id'])
   end
@@ -71,6 +73,10 @@ end
 if spec['event'] then
   redis.call('XADD', KEYS[2], 'MAXLEN', '~', 500, '*',
     'status', to or cur, 'from', cur, 'at', tostring(now), 'event', spec['event'])
+end
+if spec['finished'] then
+  redis.call('ZADD', spec['prefix'] .. ':finished', now, spec['id'])
+  redis.call('ZREMRANGEBYSCORE', spec['prefix'] .. ':finished', '-inf', now - spec['finished'])
 end
 return {1, cur}
 """
@@ -115,6 +121,9 @@ local until_ = tonumber(ARGV[1]) + tonumber(ARGV[2])
 for _, id in ipairs(due) do redis.call('ZADD', KEYS[1], until_, id) end
 return due
 """
+
+
+FINISHED_KEPT_S = 7 * 24 * 3600.0
 
 
 def _now() -> float:
@@ -218,6 +227,10 @@ class JobStore:
             pipe.scard(f"{self.prefix}:status:{status.value}")
         return {s.value: int(n) for s, n in zip(JobStatus, pipe.execute(), strict=True)}
 
+    def finished_ids(self, since: float) -> list[str]:
+        """Jobs that reached an end status since `since` (kept a week), oldest first."""
+        return [_text(i) for i in self.redis.zrangebyscore(f"{self.prefix}:finished", since, "+inf")]
+
     def events(self, job_id: str) -> list[dict[str, str]]:
         entries = self.redis.xrange(self.events_key(job_id))
         return [{_text(k): _text(v) for k, v in fields.items()} for _, fields in entries]
@@ -248,6 +261,7 @@ class JobStore:
             spec["to"] = to.value
             if to.terminal:
                 unschedule = True
+                spec["finished"] = FINISHED_KEPT_S  # time-indexed for `lipsync stats`
         if from_ is not None:
             spec["from"] = [s.value for s in from_]
         if set_fields:

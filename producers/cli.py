@@ -345,5 +345,87 @@ def demo(out_dir: Path, latency: str) -> None:
     sys.exit(run_demo(out_dir, latency))
 
 
+@main.command()
+@click.option("--minutes", type=float, default=15.0, show_default=True, help="the window: jobs that ended in it")
+@click.option("--json", "as_json", is_flag=True)
+@friendly_errors
+def stats(minutes: float, as_json: bool) -> None:
+    """Throughput, latency percentiles, failures by cause and spend over the last N minutes."""
+    from producers.stats import compute_stats, render_stats
+
+    summary = compute_stats(_client().store, minutes)
+    if as_json:
+        out.print_json(json.dumps(summary.as_dict()))
+    else:
+        out.print(render_stats(summary))
+
+
+@main.group()
+def dev() -> None:
+    """Keep the local stack (Redis, S3, fal emulator, workers, Flower) running for work by hand."""
+
+
+_DEV_DIR = click.option(
+    "--dir", "home", type=click.Path(path_type=Path), default=Path(".lipsync") / "dev", show_default=True
+)
+
+
+@dev.command("up")
+@_DEV_DIR
+@click.option("--latency", default="1-3", show_default=True, help="emulator model latency, s")
+def dev_up(home: Path, latency: str) -> None:
+    """Start the stack in the background; prints `export` lines: eval "$(lipsync dev up)"."""
+    from producers.devenv import exports, up
+
+    state, started = up(home, latency)
+    console.print("local stack " + ("started" if started else "already running") + f"; logs in {state.logdir}/")
+    console.print(f"Flower: {state.flower_url}\nworker metrics: {' '.join(state.metrics_urls)}", highlight=False)
+    console.print('stop it with `lipsync dev down`; in this shell first: eval "$(lipsync dev env)"')
+    click.echo(exports(state.env))
+
+
+@dev.command("env")
+@_DEV_DIR
+def dev_env(home: Path) -> None:
+    """Print the running stack's environment as `export` lines."""
+    from producers.devenv import DevState, exports
+
+    state = DevState.load(home)
+    if state is None or not state.running:
+        raise click.ClickException("no local stack is running; start one with `lipsync dev up`")
+    click.echo(exports(state.env))
+
+
+@dev.command("status")
+@_DEV_DIR
+def dev_status(home: Path) -> None:
+    """Show each process of the local stack; exit 1 unless all run."""
+    from producers.devenv import DevState
+
+    state = DevState.load(home)
+    if state is None:
+        console.print("no local stack (start one with `lipsync dev up`)")
+        sys.exit(1)
+    table = Table(title="local stack")
+    for column in ("process", "pid", "state"):
+        table.add_column(column)
+    for process in state.processes:
+        table.add_row(process.name, str(process.pid), "[green]running[/green]" if process.alive else "[red]gone[/red]")
+    out.print(table)
+    out.print(f"Flower: {state.flower_url}\nemulator: {state.emulator_url}", highlight=False)
+    out.print(f"worker metrics: {' '.join(state.metrics_urls)}", highlight=False)
+    sys.exit(0 if len(state.running) == len(state.processes) else 1)
+
+
+@dev.command("down")
+@_DEV_DIR
+def dev_down(home: Path) -> None:
+    """Stop every process `lipsync dev up` started."""
+    from producers.devenv import down
+
+    stopped = down(home)
+    console.print(f"stopped {', '.join(stopped)}" if stopped else "nothing was running")
+
+
 if __name__ == "__main__":
     main()

@@ -10,6 +10,7 @@ import contextlib
 import os
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -54,6 +55,10 @@ def stop_process(process: subprocess.Popen[bytes], timeout: float = 10.0) -> Non
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(timeout)
+    # A process started in its own session leads a group: take along children it left (a
+    # prefork pool whose parent was killed). Not a group leader: no such group, nothing happens.
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signal.SIGKILL)
 
 
 # redis ---------------------------------------------------------------------------------
@@ -103,6 +108,7 @@ def spawn_redis(port: int, workdir: Path) -> subprocess.Popen[bytes]:
         ],  # fmt: skip
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
 
 
@@ -151,6 +157,7 @@ def spawn_moto(port: int) -> subprocess.Popen[bytes]:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         env={**os.environ, "MOTO_ALLOW_NONEXISTENT_REGION": "true"},
+        start_new_session=True,
     )
 
 
@@ -183,6 +190,7 @@ def spawn_emulator(port: int, *args: str, log: IO[bytes] | None = None) -> subpr
         [sys.executable, "-m", "emulator", "--host", "127.0.0.1", "--port", str(port), *args],
         stdout=log or subprocess.DEVNULL,
         stderr=subprocess.STDOUT if log else subprocess.DEVNULL,
+        start_new_session=True,
     )
 
 
@@ -202,7 +210,9 @@ DEFAULT_WORKERS = (
 
 
 def spawn_worker(spec: WorkerSpec, env: Mapping[str, str], log: IO[bytes] | None = None) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
+    """A worker; its /metrics port is LIPSYNC_METRICS_PORT from `env`, or a free one (see `metrics_port`)."""
+    env = {"LIPSYNC_METRICS_PORT": str(free_port()), **env}
+    process = subprocess.Popen(
         [
             sys.executable,
             "-m",
@@ -228,6 +238,16 @@ def spawn_worker(spec: WorkerSpec, env: Mapping[str, str], log: IO[bytes] | None
         stderr=subprocess.STDOUT if log else subprocess.DEVNULL,
         start_new_session=True,
     )
+    _METRICS_PORTS[process.pid] = int(env["LIPSYNC_METRICS_PORT"])
+    return process
+
+
+_METRICS_PORTS: dict[int, int] = {}
+
+
+def metrics_port(process: subprocess.Popen[bytes]) -> int:
+    """The /metrics port of a worker started by `spawn_worker` (0: metrics off)."""
+    return _METRICS_PORTS.get(process.pid, 0)
 
 
 def spawn_flower(
@@ -249,6 +269,7 @@ def spawn_flower(
         env={**os.environ, **env},
         stdout=log or subprocess.DEVNULL,
         stderr=subprocess.STDOUT if log else subprocess.DEVNULL,
+        start_new_session=True,
     )
 
 
@@ -258,42 +279,54 @@ class LocalStack:
 
     env: dict[str, str]
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    names: list[str] = field(default_factory=list)
     flower_url: str | None = None
     emulator_url: str | None = None
+    metrics_urls: list[str] = field(default_factory=list)
     logdir: Path | None = None
+    redis_dir: Path | None = None
+
+    def add(self, name: str, process: subprocess.Popen[bytes]) -> subprocess.Popen[bytes]:
+        self.names.append(name)
+        self.processes.append(process)
+        return process
 
     def stop(self) -> None:
         for process in reversed(self.processes):
             stop_process(process)
         self.processes.clear()
+        self.names.clear()
+        if self.redis_dir is not None:
+            shutil.rmtree(self.redis_dir, ignore_errors=True)
 
 
 def _log(logdir: Path, name: str) -> IO[bytes]:
     return (logdir / f"{name}.log").open("ab")
 
 
-@contextlib.contextmanager
-def local_stack(
+def start_stack(
     logdir: Path,
     *,
     emulator_args: tuple[str, ...] = ("--latency", "1-3"),
     flower: bool = True,
     prefix: str | None = None,
-) -> Iterator[LocalStack]:
-    """Start (or reuse) every service and two workers; stop what was started on exit."""
+    redis_dir: Path | None = None,
+) -> LocalStack:
+    """Start every service and one worker per queue; on failure, stop what was started."""
     logdir.mkdir(parents=True, exist_ok=True)
     stack = LocalStack(env={}, logdir=logdir)
     try:
-        redis_dir = Path(tempfile.mkdtemp(prefix="lipsync-redis-"))
+        if redis_dir is None:
+            redis_dir = Path(tempfile.mkdtemp(prefix="lipsync-redis-"))
+        redis_dir.mkdir(parents=True, exist_ok=True)
+        stack.redis_dir = redis_dir
         redis_port = free_port()
-        stack.processes.append(spawn_redis(redis_port, redis_dir))
-        wait_for_port(redis_port, process=stack.processes[-1])
+        wait_for_port(redis_port, process=stack.add("redis", spawn_redis(redis_port, redis_dir)))
         s3_port = free_port()
-        stack.processes.append(spawn_moto(s3_port))
-        wait_for_s3(f"http://127.0.0.1:{s3_port}", s3_port, stack.processes[-1])
+        wait_for_s3(f"http://127.0.0.1:{s3_port}", s3_port, stack.add("s3", spawn_moto(s3_port)))
         emulator_port = free_port()
-        stack.processes.append(spawn_emulator(emulator_port, *emulator_args, log=_log(logdir, "emulator")))
-        wait_for_port(emulator_port, timeout=30, process=stack.processes[-1])
+        emulator = spawn_emulator(emulator_port, *emulator_args, log=_log(logdir, "emulator"))
+        wait_for_port(emulator_port, timeout=30, process=stack.add("emulator", emulator))
         stack.emulator_url = f"http://127.0.0.1:{emulator_port}"
         stack.env = {
             "AWS_ACCESS_KEY_ID": os.environ.get("AWS_ACCESS_KEY_ID", "local"),
@@ -309,12 +342,32 @@ def local_stack(
             "LIPSYNC_KEY_PREFIX": prefix or "lipsync",
         }
         for spec in DEFAULT_WORKERS:
-            stack.processes.append(spawn_worker(spec, stack.env, log=_log(logdir, f"worker-{spec.name}")))
+            port = free_port()
+            worker_env = {**stack.env, "LIPSYNC_METRICS_PORT": str(port)}
+            stack.add(f"worker-{spec.name}", spawn_worker(spec, worker_env, log=_log(logdir, f"worker-{spec.name}")))
+            stack.metrics_urls.append(f"http://127.0.0.1:{port}/metrics")
         if flower:
             flower_port = free_port()
             auth = f"lipsync:{secrets.token_urlsafe(12)}"
-            stack.processes.append(spawn_flower(flower_port, stack.env, auth, log=_log(logdir, "flower")))
+            stack.add("flower", spawn_flower(flower_port, stack.env, auth, log=_log(logdir, "flower")))
             stack.flower_url = f"http://{auth}@127.0.0.1:{flower_port}"
+    except BaseException:
+        stack.stop()
+        raise
+    return stack
+
+
+@contextlib.contextmanager
+def local_stack(
+    logdir: Path,
+    *,
+    emulator_args: tuple[str, ...] = ("--latency", "1-3"),
+    flower: bool = True,
+    prefix: str | None = None,
+) -> Iterator[LocalStack]:
+    """Start every service and two workers; stop what was started on exit."""
+    stack = start_stack(logdir, emulator_args=emulator_args, flower=flower, prefix=prefix)
+    try:
         yield stack
     finally:
         stack.stop()

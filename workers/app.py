@@ -1,15 +1,16 @@
 """The Celery app: configuration from `config.celery`, tasks from `workers.tasks`.
 
 Each worker's main process also runs the dispatcher, which turns due entries of the durable
-schedule into task messages (see `workers.dispatcher`).
+schedule into task messages (see `workers.dispatcher`), and serves the job metrics (`lipsync.metrics`).
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from celery import Celery
-from celery.signals import worker_process_init, worker_ready, worker_shutdown
+from celery.signals import worker_init, worker_process_init, worker_ready, worker_shutdown
 
 from config.celery import celery_config
 from config.logging import configure_logging
@@ -20,6 +21,31 @@ app.config_from_object(celery_config(get_settings()))
 app.autodiscover_tasks(["workers"], related_name="tasks", force=True)
 
 _dispatcher: Any = None
+
+
+@worker_init.connect
+def _serve_metrics(**_: Any) -> None:
+    """Job metrics on http://METRICS_ADDRESS:METRICS_PORT/metrics, set up before the pool forks."""
+    settings = get_settings()
+    configure_logging(settings)
+    if not settings.metrics_port:
+        return
+    import redis
+
+    from lipsync import metrics
+    from lipsync.jobstore import JobStore
+
+    client = redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5)
+    path = metrics.multiprocess_dir(settings.metrics_port, settings.metrics_dir)
+    try:
+        metrics.serve(JobStore(client, settings.key_prefix), settings.metrics_port, settings.metrics_address, path)
+    except OSError as exc:  # port taken (another worker on this host): work on, unmeasured
+        logging.getLogger("lipsync.metrics").warning(
+            "metrics: cannot listen on %s:%d (%s); set LIPSYNC_METRICS_PORT per worker",
+            settings.metrics_address,
+            settings.metrics_port,
+            exc,
+        )
 
 
 @worker_ready.connect

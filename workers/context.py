@@ -13,6 +13,7 @@ from lipsync.fal import FalQueueClient
 from lipsync.fetcher import GuardedFetcher
 from lipsync.jobstore import JobStore
 from lipsync.storage import Storage
+from workers.observe import ObservedJobStore
 
 
 @dataclass
@@ -33,7 +34,7 @@ def build_context(settings: Settings) -> Context:
     return Context(
         settings=settings,
         redis=client,
-        store=JobStore(client, settings.key_prefix),
+        store=ObservedJobStore(client, settings.key_prefix),
         admission=AdmissionControl(
             client,
             prefix=settings.key_prefix,

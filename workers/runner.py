@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from lipsync.errors import PermanentError, RetryableError
+from lipsync.metrics import observe_error
 from lipsync.models import AT_FAL_STATUSES, Job, JobError, JobStatus
 from workers.context import Context
 
@@ -80,9 +81,11 @@ def run_stage(stage: str, job_id: str, ctx: Context, handles: frozenset[JobStatu
     try:
         next_task = work(job, ctx, lease)
     except RetryableError as exc:
+        observe_error(stage, exc)
         retry_later(job, stage, ctx, owner, exc.message, exc.code, exc.delay)
         return None
     except PermanentError as exc:
+        observe_error(stage, exc)
         error = JobError(
             code=exc.code,
             message=exc.message,
@@ -93,6 +96,7 @@ def run_stage(stage: str, job_id: str, ctx: Context, handles: frozenset[JobStatu
         return None
     except Exception as exc:  # a bug or an unforeseen failure: bounded retries, then words
         log.exception("job %s: unexpected error in %s", job_id, stage)
+        observe_error(stage, exc)
         message = f"unexpected error while running {stage}: {type(exc).__name__}"
         retry_later(job, stage, ctx, owner, message, "internal_error", None)
         return None

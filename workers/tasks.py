@@ -3,8 +3,9 @@ the job on. The stage functions know nothing of Celery."""
 
 from __future__ import annotations
 
+from config.logging import job_log_context
 from lipsync.models import JobStatus
-from workers import poll, stage, store, submit
+from workers import callback, poll, stage, store, submit
 from workers.app import app
 from workers.context import get_context
 from workers.runner import QUEUE_OF, StageFunction, run_stage
@@ -24,7 +25,8 @@ def send(task: str, job_id: str) -> None:
 
 def advance(name: str, job_id: str) -> None:
     handles, work = STAGES[name]
-    next_task = run_stage(name, job_id, get_context(), handles, work)
+    with job_log_context(job_id):
+        next_task = run_stage(name, job_id, get_context(), handles, work)
     if next_task is not None:
         send(next_task, job_id)
 
@@ -47,3 +49,8 @@ def poll_task(job_id: str) -> None:
 @app.task(name="lipsync.store")
 def store_task(job_id: str) -> None:
     advance("store", job_id)
+
+
+@app.task(name="lipsync.callback")
+def callback_task(job_id: str) -> None:
+    callback.deliver(job_id, get_context())
