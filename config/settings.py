@@ -20,6 +20,10 @@ class Settings(BaseSettings):
     fal_app: str = "fal-ai/sync-lipsync/v3"
     # Public base URL of a gateway that receives fal webhooks; empty = poll only.
     fal_webhook_url: str = ""
+    # fal's webhook signing keys (JWKS), how long they are cached, and the accepted clock skew.
+    fal_jwks_url: str = "https://rest.alpha.fal.ai/.well-known/jwks.json"
+    fal_jwks_ttl_s: float = 3600.0
+    fal_webhook_tolerance_s: float = 300.0
 
     broker_url: str = "redis://localhost:6379/0"
     redis_url: str = "redis://localhost:6379/0"
@@ -67,6 +71,19 @@ class Settings(BaseSettings):
     http_timeout_s: float = 30.0
     run_dispatcher: bool = True
     work_dir: str = ""  # temp files for media in transit; empty = the system's temp dir
+
+    # The HTTP gateway (`lipsync serve`): body cap, per-key rate limit, batch size.
+    gateway_max_body_bytes: int = 1024 * 1024
+    gateway_rate_limit_per_s: int = 20
+    gateway_max_batch: int = 500
+    # Buckets tenants may name as s3:// sources (comma-separated); empty = any bucket but ours.
+    gateway_s3_buckets: str = ""
+
+    # Callbacks to tenants when a job ends: signed, retried with backoff, then given up.
+    callback_max_attempts: int = 8
+    callback_retry_base_s: float = 2.0
+    callback_retry_max_s: float = 300.0
+    callback_timeout_s: float = 10.0
 
     # Prometheus /metrics from each worker's main process (0 = off). Prefork children share values
     # through files in metrics_dir (empty: a per-port dir under the system's temp dir, wiped at start).

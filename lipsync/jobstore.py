@@ -24,7 +24,7 @@ from lipsync.models import Job, JobStatus
 _JSON_FIELDS = (
     "request", "idempotency_key", "request_digest", "batch_id", "metadata", "inputs", "fal",
     "logs", "output", "error", "cost_estimate_usd", "expected_duration", "created_at",
-    "updated_at", "deadline_at",
+    "updated_at", "deadline_at", "tenant", "callback_url",
 )  # fmt: skip
 
 _TRANSITION = """
@@ -74,6 +74,9 @@ if spec['event'] then
   redis.call('XADD', KEYS[2], 'MAXLEN', '~', 500, '*',
     'status', to or cur, 'from', cur, 'at', tostring(now), 'event', spec['event'])
 end
+if spec['ended'] and redis.call('HEXISTS', KEYS[1], 'callback_url') == 1 then
+  redis.call('ZADD', spec['prefix'] .. ':callbacks', now, spec['id'])
+end
 if spec['finished'] then
   redis.call('ZADD', spec['prefix'] .. ':finished', now, spec['id'])
   redis.call('ZREMRANGEBYSCORE', spec['prefix'] .. ':finished', '-inf', now - spec['finished'])
@@ -93,6 +96,9 @@ redis.call('ZADD', spec['prefix'] .. ':jobs', spec['now'], spec['id'])
 redis.call('SADD', spec['prefix'] .. ':status:queued', spec['id'])
 if spec['batch_id'] then
   redis.call('ZADD', spec['prefix'] .. ':batch:' .. spec['batch_id'], spec['now'], spec['id'])
+end
+if spec['tenant'] then
+  redis.call('ZADD', spec['prefix'] .. ':tenant:' .. spec['tenant'] .. ':jobs', spec['now'], spec['id'])
 end
 redis.call('ZADD', KEYS[3], spec['schedule'], spec['id'])
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', 500, '*',
@@ -135,6 +141,8 @@ class JobStore:
         self.redis = client
         self.prefix = prefix
         self.schedule_key = f"{prefix}:schedule"
+        # Jobs that ended with a callback still to deliver, scored by the next attempt's time.
+        self.callbacks_key = f"{prefix}:callbacks"
         self._transition = client.register_script(_TRANSITION)
         self._create = client.register_script(_CREATE)
         self._lease = client.register_script(_LEASE)
@@ -173,6 +181,8 @@ class JobStore:
         }
         if job.batch_id is not None:  # cjson turns null into a userdata, not nil: leave it out
             spec["batch_id"] = job.batch_id
+        if job.tenant is not None:
+            spec["tenant"] = job.tenant
         if job.idempotency_key is not None:
             spec["idem_key"] = f"{self.prefix}:idem:{job.idempotency_key}"
         created, job_id = self._create(
@@ -262,6 +272,7 @@ class JobStore:
             if to.terminal:
                 unschedule = True
                 spec["finished"] = FINISHED_KEPT_S  # time-indexed for `lipsync stats`
+                spec["ended"] = True  # queues the job's callback, if it has one, in the same script
         if from_ is not None:
             spec["from"] = [s.value for s in from_]
         if set_fields:
@@ -312,6 +323,10 @@ class JobStore:
 
     def claim_due(self, lease_s: float, limit: int) -> list[str]:
         due = self._claim(keys=[self.schedule_key], args=[repr(_now()), repr(lease_s), limit])
+        return [_text(job_id) for job_id in due]
+
+    def claim_due_callbacks(self, lease_s: float, limit: int) -> list[str]:
+        due = self._claim(keys=[self.callbacks_key], args=[repr(_now()), repr(lease_s), limit])
         return [_text(job_id) for job_id in due]
 
     def schedule(self, job_id: str, at: float) -> None:

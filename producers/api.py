@@ -122,6 +122,8 @@ class LipsyncClient:
         idempotency_key: str | None = None,
         metadata: dict[str, str] | None = None,
         batch_id: str | None = None,
+        tenant: str | None = None,
+        callback_url: str | None = None,
     ) -> Job:
         if idempotency_key is not None and not (0 < len(idempotency_key) <= 200):
             raise InvalidInput("the idempotency key must be 1 to 200 characters long")
@@ -134,6 +136,8 @@ class LipsyncClient:
             request_digest=request_digest(request),
             batch_id=batch_id,
             metadata=metadata or {},
+            tenant=tenant,
+            callback_url=callback_url,
             created_at=now,
             updated_at=now,
             deadline_at=now + self.settings.job_deadline_s,

@@ -335,6 +335,100 @@ def flower(ctx: click.Context) -> None:
 
 
 @main.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="address to listen on")
+@click.option("--port", type=int, default=8000, show_default=True)
+@click.option("--workers", type=int, default=1, show_default=True, help="gateway processes")
+@click.option("--log-level", default="info", show_default=True)
+def serve(host: str, port: int, workers: int, log_level: str) -> None:
+    """Run the HTTP gateway: jobs and batches for tenants, fal webhooks in (docs/gateway.md)."""
+    import uvicorn
+
+    uvicorn.run(
+        "producers.gateway:create_app",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        log_level=log_level,
+        proxy_headers=False,
+    )
+
+
+@main.group()
+def tenants() -> None:
+    """Manage the gateway's tenants and their API keys."""
+
+
+@tenants.command("add")
+@click.argument("name")
+@friendly_errors
+def tenants_add(name: str) -> None:
+    """Create a tenant; prints its API key and callback secret, once."""
+    credentials = _tenant_store().add(name)
+    _print_credentials(credentials)
+
+
+@tenants.command("rotate")
+@click.argument("name")
+@friendly_errors
+def tenants_rotate(name: str) -> None:
+    """Give a tenant a new API key; the old one stops working at once."""
+    _print_credentials(_tenant_store().rotate(name))
+
+
+@tenants.command("revoke")
+@click.argument("name")
+@friendly_errors
+def tenants_revoke(name: str) -> None:
+    """Revoke a tenant's API key (its jobs are kept; `rotate` issues a new key)."""
+    _tenant_store().revoke(name)
+    out.print(f"tenant {name}: key revoked")
+
+
+@tenants.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@friendly_errors
+def tenants_list(as_json: bool) -> None:
+    """List tenants (never their keys or secrets)."""
+    found = _tenant_store().all()
+    if as_json:
+        for tenant in found:
+            record = {"name": tenant.name, "key_id": tenant.key_id, "created_at": tenant.created_at}
+            out.print(json.dumps({**record, "revoked_at": tenant.revoked_at}), soft_wrap=True)
+        return
+    table = Table(title="tenants")
+    for column in ("tenant", "key id", "created", "status"):
+        table.add_column(column)
+    for tenant in found:
+        created = time.strftime("%Y-%m-%d %H:%M", time.gmtime(tenant.created_at))
+        table.add_row(tenant.name, tenant.key_id, created, "active" if tenant.active else "revoked")
+    out.print(table)
+
+
+def _tenant_store() -> Any:
+    import redis
+
+    from config.settings import get_settings
+    from lipsync.tenants import TenantStore
+
+    settings = get_settings()
+    return TenantStore(redis.Redis.from_url(settings.redis_url, socket_timeout=10), settings.key_prefix)
+
+
+def _print_credentials(credentials: Any) -> None:
+    out.print_json(
+        json.dumps(
+            {
+                "tenant": credentials.tenant.name,
+                "api_key": credentials.api_key.get_secret_value(),
+                "callback_secret": credentials.tenant.callback_secret.get_secret_value(),
+            }
+        )
+    )
+    console.print("Keep these now: the API key is stored only as a hash and is never shown again.")
+
+
+@main.command()
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("out"), show_default=True)
 @click.option("--latency", default="1-3", show_default=True, help="emulator model latency, s")
 @friendly_errors

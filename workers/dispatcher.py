@@ -42,7 +42,7 @@ class Dispatcher:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                sent = self.dispatch_once()
+                sent = self.dispatch_once() + self.dispatch_callbacks()
             except Exception as exc:  # Redis restarting, broker away: keep trying, quietly
                 log.warning("dispatcher: %s: %s", type(exc).__name__, exc)
                 self._stop.wait(1.0)
@@ -67,4 +67,13 @@ class Dispatcher:
                     # A transfer may wait behind big files in its queue; don't resend it soon.
                     self.store.schedule(job_id, time.time() + settings.transfer_lease_s)
                 self.app.send_task(f"lipsync.{task}", args=[job_id], queue=QUEUE_OF[task], producer=producer)
+        return len(due)
+
+    def dispatch_callbacks(self) -> int:
+        """Send one `callback` task for each job whose callback is due (see `workers.callback`)."""
+        due = self.store.claim_due_callbacks(self.settings.poll_lease_s, self.settings.dispatch_batch)
+        if due:
+            with self.app.producer_or_acquire() as producer:
+                for job_id in due:
+                    self.app.send_task("lipsync.callback", args=[job_id], queue="api", producer=producer)
         return len(due)

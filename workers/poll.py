@@ -8,10 +8,12 @@ enforced by cancelling at fal.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
+from typing import Any
 
 from lipsync.errors import FalError, PermanentError
 from lipsync.fal import QueueState
-from lipsync.models import AT_FAL_STATUSES, File, Job, JobStatus, LipsyncOutput
+from lipsync.models import AT_FAL_STATUSES, FalLog, File, Job, JobError, JobStatus, LipsyncOutput
 from workers.context import Context
 from workers.runner import Lease, backoff
 
@@ -54,21 +56,54 @@ def poll(job: Job, ctx: Context, lease: Lease) -> str | None:
             error_type=status.error_type,
         )
     body = ctx.fal.result(job.fal)
+    applied = accept_result(job, ctx, body, via="poll", inference_time=status.inference_time, logs=status.logs)
+    return "store" if applied else None
+
+
+def accept_result(
+    job: Job,
+    ctx: Context,
+    body: dict[str, Any],
+    *,
+    via: str,
+    inference_time: float | None = None,
+    logs: Sequence[FalLog] = (),
+) -> bool:
+    """Record fal's output and hand the job to store. True for the one caller that got here first.
+
+    Both a poll and a fal webhook (`via`) end here; the store's atomic `from_` transition lets
+    exactly one of them through, so the output is stored once whichever arrives first.
+    """
+    assert job.fal is not None, "a job at fal always has its request"
     output = LipsyncOutput.model_validate(body)
     fal = job.fal.model_copy(
-        update={"inference_time": status.inference_time, "output": File.model_validate(output.video.model_dump())}
+        update={"inference_time": inference_time, "output": File.model_validate(output.video.model_dump())}
     )
-    applied, _ = store.transition(
+    applied, _ = ctx.store.transition(
         job.id,
         JobStatus.storing,
         from_=HANDLES,
         set_fields={
             "fal": fal.model_dump(mode="json"),
-            **({"logs": [e.model_dump(mode="json") for e in status.logs[-LOG_TAIL:]]} if status.logs else {}),
+            **({"logs": [e.model_dump(mode="json") for e in logs[-LOG_TAIL:]]} if logs else {}),
         },
-        incr={"attempts:poll": 1},
-        schedule_at=time.time() + settings.transfer_lease_s,
-        event="fal completed; storing the output",
+        incr={f"attempts:{via}": 1},
+        schedule_at=time.time() + ctx.settings.transfer_lease_s,
+        event=f"fal completed (by {via}); storing the output",
     )
     ctx.admission.release(job.id)
-    return "store" if applied else None
+    return applied
+
+
+def reject_result(job: Job, ctx: Context, error: JobError, *, via: str) -> bool:
+    """fal finished the request with an error: fail the job in fal's words, once."""
+    applied, _ = ctx.store.transition(
+        job.id,
+        JobStatus.failed,
+        from_=HANDLES,
+        set_fields={"error": error.model_dump(mode="json")},
+        incr={f"attempts:{via}": 1},
+        event=f"failed (by {via}): {error.code}: {error.message}",
+    )
+    ctx.admission.release(job.id)
+    return applied

@@ -1,0 +1,61 @@
+"""The job as a tenant sees it: what the gateway answers and what a callback carries.
+
+fal's signed URLs, staging keys, the owner and internal bookkeeping stay out; the tenant's
+own idempotency key is shown without the gateway's per-tenant namespace.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+from lipsync.models import Job, JobError, JobOutput, JobStatus, LipsyncInput
+
+
+class PublicJob(BaseModel):
+    id: str
+    status: JobStatus
+    request: LipsyncInput
+    idempotency_key: str | None = None
+    batch_id: str | None = None
+    metadata: dict[str, str] = Field(default_factory=dict)
+    callback_url: str | None = None
+    fal_request_id: str | None = None
+    output: JobOutput | None = None
+    error: JobError | None = None
+    cost_estimate_usd: float | None = None
+    expected_duration: float | None = None
+    attempts: dict[str, int] = Field(default_factory=dict)
+    created_at: float
+    updated_at: float
+    deadline_at: float
+    timestamps: dict[str, float] = Field(default_factory=dict)
+
+
+def tenant_idempotency_key(tenant: str, key: str) -> str:
+    """Idempotency keys live in one namespace per tenant: another tenant's key never matches."""
+    return f"tenant:{tenant}:{key}"
+
+
+def public_job(job: Job) -> PublicJob:
+    key = job.idempotency_key
+    if key is not None and job.tenant is not None:
+        key = key.removeprefix(f"tenant:{job.tenant}:")
+    return PublicJob(
+        id=job.id,
+        status=job.status,
+        request=job.request,
+        idempotency_key=key,
+        batch_id=job.batch_id,
+        metadata=job.metadata,
+        callback_url=job.callback_url,
+        fal_request_id=job.fal.request_id if job.fal else None,
+        output=job.output,
+        error=job.error,
+        cost_estimate_usd=job.cost_estimate_usd,
+        expected_duration=job.expected_duration,
+        attempts=job.attempts,
+        created_at=job.created_at,
+        updated_at=job.updated_at,
+        deadline_at=job.deadline_at,
+        timestamps=job.timestamps,
+    )

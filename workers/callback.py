@@ -1,0 +1,84 @@
+"""Callback: tell the tenant a job ended, by POSTing the job to its `callback_url`, signed.
+
+The job store queues the callback in the same script that ends the job (the `callbacks`
+sorted set), the dispatcher turns due entries into `lipsync.callback` tasks on the `api`
+queue, and this module makes one attempt per visit: delivered, or back in the set after a
+backoff, or given up after `callback_max_attempts`. Every attempt is an event on the job.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+from lipsync.callbacks import CallbackSender
+from lipsync.errors import JobNotFound, PermanentError, RetryableError
+from lipsync.public import public_job
+from lipsync.tenants import TenantNotFound, TenantStore
+from workers.context import Context
+from workers.runner import backoff
+
+log = logging.getLogger("lipsync.callback")
+
+_sender: CallbackSender | None = None
+
+
+def sender(ctx: Context) -> CallbackSender:
+    global _sender
+    if _sender is None or _sender.fetcher is not ctx.fetcher:
+        _sender = CallbackSender(ctx.fetcher, timeout_s=ctx.settings.callback_timeout_s)
+    return _sender
+
+
+def deliver(job_id: str, ctx: Context) -> bool:
+    """One attempt at the job's callback; returns True once it is delivered."""
+    store, settings = ctx.store, ctx.settings
+    try:
+        job = store.get(job_id)
+    except JobNotFound:
+        store.redis.zrem(store.callbacks_key, job_id)
+        return False
+    if not job.terminal or not job.callback_url or not job.tenant:
+        # Retried since it ended: its next end queues the callback again.
+        store.redis.zrem(store.callbacks_key, job_id)
+        return False
+    attempt = job.attempts.get("callback", 0) + 1
+    try:
+        secret = TenantStore(ctx.redis, settings.key_prefix).get(job.tenant).callback_secret
+    except TenantNotFound:
+        store.redis.zrem(store.callbacks_key, job_id)
+        store.transition(job_id, None, event=f"callback not sent: tenant {job.tenant!r} no longer exists")
+        return False
+    view = public_job(job)
+    if view.output is not None:
+        key = view.output.url.split("/", 3)[3]
+        view.output.presigned_url = ctx.storage.presign_get(key, settings.presign_ttl_s)
+    body = json.dumps(view.model_dump(mode="json"), separators=(",", ":")).encode()
+    delivery_id = f"{job.id}:{job.status.value}:{job.timestamps.get(job.status.value, job.updated_at):.6f}"
+    give_up = attempt >= settings.callback_max_attempts
+    try:
+        status = sender(ctx).post(job.callback_url, body, secret.get_secret_value(), delivery_id)
+        delivered = 200 <= status < 300
+        outcome = f"HTTP {status}"
+    except PermanentError as exc:  # the URL is refused by the guarded fetcher's rules
+        delivered, outcome, give_up = False, exc.message, True
+    except RetryableError as exc:
+        delivered, outcome = False, exc.message
+    if delivered:
+        store.redis.zrem(store.callbacks_key, job_id)
+        store.transition(job_id, None, incr={"attempts:callback": 1}, event=f"callback {attempt} delivered: {outcome}")
+        return True
+    if give_up:
+        store.redis.zrem(store.callbacks_key, job_id)
+        log.warning("job %s: callback given up after %d attempts: %s", job_id, attempt, outcome)
+        store.transition(
+            job_id, None, incr={"attempts:callback": 1}, event=f"callback {attempt} failed: {outcome}; given up"
+        )
+        return False
+    wait = backoff(attempt, settings.callback_retry_base_s, settings.callback_retry_max_s)
+    store.redis.zadd(store.callbacks_key, {job_id: time.time() + wait})
+    store.transition(
+        job_id, None, incr={"attempts:callback": 1}, event=f"callback {attempt} failed: {outcome}; next in {wait:.1f}s"
+    )
+    return False
