@@ -1,0 +1,143 @@
+"""The production files check out without a Docker engine: docker-compose.yml against the compose
+spec (schema vendored under deploy/schemas), every service's command as a real `lipsync` entry
+point, and the Prometheus/Grafana files pointing at metrics the workers really export."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import yaml
+from prometheus_client import CollectorRegistry
+
+ROOT = Path(__file__).resolve().parents[2]
+IMAGE = "lipsync-pipeline:latest"
+
+
+def compose() -> dict[str, Any]:
+    document: dict[str, Any] = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    return document
+
+
+def our_services() -> dict[str, dict[str, Any]]:
+    return {name: service for name, service in compose()["services"].items() if service.get("image") == IMAGE}
+
+
+def lipsync_executable() -> str:
+    # The console script the image's ENTRYPOINT runs, installed beside this interpreter.
+    return str(Path(sys.executable).parent / "lipsync")
+
+
+def test_compose_file_matches_the_compose_spec() -> None:
+    schema = json.loads((ROOT / "deploy/schemas/compose-spec.json").read_text())
+    validator = jsonschema.validators.validator_for(schema)(schema)
+    errors = [f"{error.json_path}: {error.message}" for error in validator.iter_errors(compose())]
+    assert errors == []
+
+
+def test_compose_runs_the_whole_stack_the_design_asks_for() -> None:
+    services = compose()["services"]
+    assert {"redis", "minio", "minio-init", "worker-transfer", "worker-api", "flower"} <= set(services)
+    assert "--appendonly" in services["redis"]["command"] and "noeviction" in services["redis"]["command"]
+    assert services["redis"]["healthcheck"] and services["redis"]["volumes"]
+    assert services["emulator"]["profiles"] == ["local"]
+    assert services["prometheus"]["profiles"] == services["grafana"]["profiles"] == ["observability"]
+    flower = services["flower"]
+    assert "--persistent=True" in flower["command"] and flower["volumes"]
+    assert ":?" in flower["environment"]["LIPSYNC_FLOWER_BASIC_AUTH"]  # refuses to start without auth
+    for name in ("worker-transfer", "worker-api"):
+        assert "container_name" not in services[name] and "ports" not in services[name]  # --scale works
+        assert services[name]["environment"]["LIPSYNC_METRICS_PORT"] == "9808"
+
+
+@pytest.mark.parametrize("name", sorted(our_services()))
+def test_each_service_command_is_a_real_lipsync_entry_point(name: str) -> None:
+    command = our_services()[name]["command"]
+    result = subprocess.run(
+        [lipsync_executable(), command[0], "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "LIPSYNC_FLOWER_BASIC_AUTH": ""},
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Usage: lipsync" in result.stdout
+
+
+@pytest.mark.parametrize("name", sorted(our_services()))
+def test_each_service_command_parses(name: str) -> None:
+    """The arguments as the image receives them: click's for worker, Flower's own, the emulator's."""
+    command, *args = our_services()[name]["command"]
+    if command == "worker":
+        from producers.cli import worker
+
+        context = worker.make_context("worker", list(args))
+        assert context.params["queues"] in ("transfer", "api")
+    elif command == "flower":
+        from flower.options import options
+
+        for argument in args:
+            assert argument.startswith("--"), argument
+            option = argument[2:].split("=", 1)[0].replace("_", "-")
+            assert option in options._options, f"Flower has no option --{option}"
+    elif command == "emulator":
+        from emulator.__main__ import parser
+
+        parser().parse_args(args)
+    else:
+        pytest.fail(f"service {name} runs `lipsync {command}`, which this test does not know")
+
+
+def test_dockerfile_runs_lipsync_as_a_non_root_user() -> None:
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert re.search(r"^USER (?!root)\S+", dockerfile, re.M)
+    assert 'ENTRYPOINT ["lipsync"]' in dockerfile
+    # Dependencies are installed from pyproject.toml alone, before the code is copied: a cached layer.
+    assert dockerfile.index("COPY pyproject.toml") < dockerfile.index("COPY workers")
+
+
+def test_mounted_files_exist() -> None:
+    for service in compose()["services"].values():
+        for volume in service.get("volumes", []):
+            source = volume.split(":", 1)[0]
+            if source.startswith("./"):
+                assert (ROOT / source).exists(), source
+
+
+def exported_metric_names() -> set[str]:
+    from lipsync.metrics import JobMetrics
+
+    registry = CollectorRegistry()
+    JobMetrics(registry)
+    suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
+    names = {family.name + suffix for family in registry.collect() for suffix in suffixes[family.type]}
+    # The gauges read from the job store at scrape time.
+    return names | {"lipsync_jobs", "lipsync_jobs_at_fal", "lipsync_schedule_size", "lipsync_schedule_overdue"}
+
+
+def test_prometheus_scrapes_the_workers_metrics_port_and_flower() -> None:
+    config = yaml.safe_load((ROOT / "deploy/prometheus.yml").read_text())
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    workers = jobs["lipsync-workers"]["dns_sd_configs"][0]
+    assert set(workers["names"]) == {"worker-transfer", "worker-api"}
+    assert str(workers["port"]) == compose()["services"]["worker-api"]["environment"]["LIPSYNC_METRICS_PORT"]
+    assert jobs["flower"]["static_configs"][0]["targets"] == ["flower:5555"]
+
+
+def test_grafana_dashboard_only_charts_metrics_that_exist() -> None:
+    dashboard = json.loads((ROOT / "deploy/grafana/dashboards/lipsync.json").read_text())
+    expressions = [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+    used = {name for expr in expressions for name in re.findall(r"\b(lipsync_[a-z_]+)", expr)}
+    assert used and used <= exported_metric_names(), used - exported_metric_names()
+    flower = {name for expr in expressions for name in re.findall(r"\b(flower_[a-z_]+)", expr)}
+    assert flower <= {"flower_events_total", "flower_task_runtime_seconds_bucket"}
+    provider = yaml.safe_load((ROOT / "deploy/grafana/provisioning/dashboards/lipsync.yml").read_text())
+    mount = next(v for v in compose()["services"]["grafana"]["volumes"] if v.startswith("./deploy/grafana/dashboards"))
+    assert mount.split(":")[1] == provider["providers"][0]["options"]["path"]
