@@ -1,0 +1,199 @@
+"""One run of the pipeline under measurement: fresh Redis and workers, N jobs submitted by the
+producer API, waited for, and every figure taken from the same run."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.measure import CpuMeter, CpuRateProbe, RssProbe, Sampler, command_calls, command_delta, percentile
+from bench.stack import BenchStack, Workers
+from lipsync.models import Job, JobStatus, LipsyncInput
+from lipsync.storage import Storage
+
+TERMINAL = ("completed", "failed", "cancelled")
+AT_FAL = ("submitted", "in_queue", "in_progress")
+# Commands the bench itself sends per progress sample (SCARD per status, pipelined).
+_PROGRESS_COMMANDS = len(JobStatus)
+
+
+@dataclass
+class Inputs:
+    video_uri: str
+    audio_uri: str
+    video_bytes: int
+    audio_bytes: int
+
+
+def upload_inputs(storage: Storage, video: Path, audio: Path, prefix: str = "bench-inputs") -> Inputs:
+    """Put the inputs in S3 once: jobs then carry s3:// URIs, as a media platform's would."""
+    keys = []
+    for path, content_type in ((video, "video/mp4"), (audio, "audio/wav")):
+        key = f"{prefix}/{path.name}"
+        storage.upload_file(str(path), key, content_type=content_type)
+        keys.append(storage.uri(key))
+    return Inputs(keys[0], keys[1], video.stat().st_size, audio.stat().st_size)
+
+
+def counts(stack: BenchStack, prefix: str = "lipsync") -> dict[str, int]:
+    pipe = stack.redis.pipeline(transaction=False)
+    for status in JobStatus:
+        pipe.scard(f"{prefix}:status:{status.value}")
+    return {status.value: int(n) for status, n in zip(JobStatus, pipe.execute(), strict=True)}
+
+
+def run_jobs(
+    stack: BenchStack,
+    *,
+    jobs: int,
+    latency: float,
+    inputs: Inputs,
+    timeout: float,
+    env: Mapping[str, str] | None = None,
+    on_workers: Callable[[Workers], Any] | None = None,
+    sample_interval: float = 1.0,
+) -> dict[str, Any]:
+    """Run `jobs` jobs through fresh workers; returns the run's record (raw figures, no stats)."""
+    from config.settings import Settings
+    from producers.api import LipsyncClient
+
+    stack.fresh(latency)
+    workers = stack.start_workers(env=env)
+    client = LipsyncClient(Settings())
+    emulator = stack.emulator
+    assert emulator is not None
+    attachment = on_workers(workers) if on_workers is not None else None
+    try:
+        worker_pids = workers.pids()
+        meter = CpuMeter({**worker_pids, **stack.pids()}).start()
+        commands_before = command_calls(stack.redis)
+        progress_samples = 0
+
+        def at_fal() -> dict[str, float]:
+            found = emulator.counters()
+            return {"in_queue": found["in_queue"], "in_progress": found["in_progress"]}
+
+        probes: dict[str, Any] = {"fal": at_fal}
+        for name, pid in worker_pids.items():
+            probes[f"{name}_rss"] = RssProbe(pid)
+            probes[f"{name}_cpu"] = CpuRateProbe(pid)
+        with Sampler(probes, interval=sample_interval) as sampler:
+            request = LipsyncInput(video_url=inputs.video_uri, audio_url=inputs.audio_uri)
+            started = time.time()
+            ids = [client.submit_request(request).id for _ in range(jobs)]
+            submitted = time.time()
+            deadline = time.monotonic() + timeout
+            while True:
+                found = counts(stack)
+                progress_samples += 1
+                if sum(found[s] for s in TERMINAL) >= jobs or time.monotonic() > deadline:
+                    break
+                time.sleep(0.5)
+            finished = time.time()
+        cpu = meter.stop()
+        commands = command_delta(commands_before, command_calls(stack.redis))
+    finally:
+        if attachment is not None and hasattr(attachment, "close"):
+            attachment.close()
+        workers.stop()
+    # The bench's own progress polling and INFO calls are not the pipeline's.
+    own = progress_samples * _PROGRESS_COMMANDS
+    commands["scard"] = max(0, commands.get("scard", 0) - own)
+    commands.pop("info", None)
+    commands.pop("flushall", None)
+    records = []
+    for start in range(0, len(ids), 500):
+        records.extend(client.store.get_many(ids[start : start + 500]))
+    client.close()
+    return summarise_run(
+        records,
+        latency=latency,
+        started=started,
+        submitted=submitted,
+        finished=finished,
+        cpu=cpu,
+        commands=commands,
+        sampler=sampler,
+        worker_names=list(worker_pids),
+        extra={"profile": attachment.result() if attachment is not None and hasattr(attachment, "result") else None},
+    )
+
+
+def summarise_run(
+    records: list[Job],
+    *,
+    latency: float,
+    started: float,
+    submitted: float,
+    finished: float,
+    cpu: Mapping[str, float],
+    commands: Mapping[str, int],
+    sampler: Sampler,
+    worker_names: list[str],
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    completed = [job for job in records if job.status is JobStatus.completed]
+    latencies = [job.timestamps["completed"] - job.timestamps["queued"] for job in completed]
+    overheads = [value - latency for value in latencies]
+    last_done = max((job.timestamps["completed"] for job in completed), default=finished)
+    n = max(1, len(records))
+    worker_cpu = sum(cpu[name] for name in worker_names)
+    polls = [job.attempts.get("poll", 0) for job in completed]
+    errors: dict[str, int] = {}
+    for job in records:
+        if job.error is not None:
+            errors[job.error.code] = errors.get(job.error.code, 0) + 1
+    at_fal = [
+        (at, values.get("fal.in_queue", 0) + values.get("fal.in_progress", 0))
+        for at, values in ((s.at, s.values) for s in sampler.samples)
+        if "fal.in_queue" in values
+    ]
+    series: dict[str, list[tuple[float, float]]] = {"at_fal": [(at - started, v) for at, v in at_fal]}
+    for name in worker_names:
+        series[f"{name}_pss_mb"] = [(at - started, v / 2**20) for at, v in sampler.series(f"{name}_rss.pss")]
+        series[f"{name}_cpu"] = [(at - started, v) for at, v in sampler.series(f"{name}_cpu.cpu")]
+
+    def peak_sum(kind: str) -> float:
+        return max(
+            (sum(s.values.get(f"{name}_rss.{kind}", 0.0) for name in worker_names) for s in sampler.samples),
+            default=0.0,
+        )
+
+    stage_times = [
+        j.timestamps["submitting"] - j.timestamps["staging"] for j in completed if "submitting" in j.timestamps
+    ]
+    store_times = [j.timestamps["completed"] - j.timestamps["storing"] for j in completed if "storing" in j.timestamps]
+    staged = [j.timestamps["submitting"] for j in completed if "submitting" in j.timestamps]
+    sizes = sorted(j.output.file_size or 0 for j in completed if j.output is not None)
+    return {
+        "jobs": len(records),
+        "completed": len(completed),
+        "errors": errors,
+        "latency_s": latency,
+        "submit_s": submitted - started,
+        "makespan_s": last_done - started,
+        "jobs_per_s": len(completed) / max(1e-6, last_done - started),
+        "overhead_p50_s": percentile(overheads, 50),
+        "overhead_p95_s": percentile(overheads, 95),
+        "overhead_p99_s": percentile(overheads, 99),
+        "stage_p50_s": percentile(stage_times, 50),
+        "stage_span_s": max(staged, default=started) - started,
+        "first_completion_s": min((j.timestamps["completed"] for j in completed), default=started) - started,
+        "output_bytes": sizes[len(sizes) // 2] if sizes else 0,
+        "store_p50_s": percentile(store_times, 50),
+        "polls_per_job": sum(polls) / max(1, len(polls)),
+        "worker_cpu_s": worker_cpu,
+        "worker_cpu_ms_per_job": 1000 * worker_cpu / n,
+        "cpu_ms_per_job": {name: 1000 * seconds / n for name, seconds in cpu.items()},
+        "redis_commands_per_job": sum(commands.values()) / n,
+        "redis_scripts_per_job": commands.get("evalsha", 0) / n,
+        "redis_commands_top": {k: round(v / n, 2) for k, v in sorted(commands.items(), key=lambda kv: -kv[1])[:14]},
+        "peak_at_fal": max((v for _, v in at_fal), default=0.0),
+        "peak_worker_pss_mb": peak_sum("pss") / 2**20,
+        "peak_worker_rss_mb": peak_sum("rss") / 2**20,
+        "series": series,
+        **(extra or {}),
+    }
