@@ -1,5 +1,6 @@
-"""The worker's view of the job store: every applied transition also feeds the job metrics and
-puts the job's fal request id on the log lines that follow. One place, so no stage has to remember."""
+"""The worker's view of the job store: every applied status change is logged (one line, with the job
+and fal request ids), feeds the job metrics, and puts the fal request id on the log lines that
+follow. One place, so no stage has to remember."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from lipsync.metrics import observe_transition
 from lipsync.models import Job, JobStatus
 
 log = logging.getLogger("lipsync.metrics")
+transition_log = logging.getLogger("lipsync.job")
 
 
 class ObservedJobStore(JobStore):
@@ -30,6 +32,12 @@ class ObservedJobStore(JobStore):
         fal = set_fields.get("fal")
         if isinstance(fal, Mapping) and fal.get("request_id"):
             bind_request_id(job_id, str(fal["request_id"]))
+        if to is not None and to is not before:
+            # One line per status change: with the ids the log context adds, a job's story in the logs.
+            event = options.get("event")
+            transition_log.info(
+                "job %s: %s -> %s%s", job_id, before.value if before else "?", to.value, f": {event}" if event else ""
+            )
         try:
             observe_transition(self, job_id, before, to, set_fields)
         except Exception as exc:  # metrics never fail a job
