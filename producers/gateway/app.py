@@ -26,6 +26,7 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from config.celery import celery_config
 from config.settings import Settings, get_settings
@@ -133,7 +134,11 @@ _AUTH_RESPONSES: dict[int | str, dict[str, Any]] = {
     429: _problem("over the key's rate limit; see Retry-After"),
     503: _problem("Redis or S3 is unavailable; try again"),
 }
-_POST_RESPONSES = {**_AUTH_RESPONSES, 413: _problem("the request body is too large")}
+_POST_RESPONSES = {
+    **_AUTH_RESPONSES,
+    400: _problem("the request body could not be read"),
+    413: _problem("the request body is too large"),
+}
 _JOB_RESPONSES = {**_AUTH_RESPONSES, 404: _problem("no such job (or not yours)")}
 
 JobId = Annotated[str, Path(pattern=JOB_ID_PATTERN, description="the job's id (32 hex digits)")]
@@ -199,6 +204,13 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def api_error(_: Request, exc: ApiError) -> JSONResponse:
         return JSONResponse({"detail": exc.detail, "code": exc.code}, exc.status, headers=exc.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # FastAPI's own refusals (a body that is not even text, an unknown route) in our shape.
+        return JSONResponse(
+            {"detail": str(exc.detail), "code": f"http_{exc.status_code}"}, exc.status_code, headers=exc.headers
+        )
 
     @app.exception_handler(FieldRefused)
     async def field_refused(_: Request, exc: FieldRefused) -> JSONResponse:
