@@ -43,7 +43,6 @@ def deliver(job_id: str, ctx: Context) -> bool:
         # Retried since it ended: its next end queues the callback again.
         store.redis.zrem(store.callbacks_key, job_id)
         return False
-    attempt = job.attempts.get("callback", 0) + 1
     try:
         secret = TenantStore(ctx.redis, settings.key_prefix).get(job.tenant).callback_secret
     except TenantNotFound:
@@ -56,6 +55,14 @@ def deliver(job_id: str, ctx: Context) -> bool:
         view.output.presigned_url = ctx.storage.presign_get(key, settings.presign_ttl_s)
     body = json.dumps(view.model_dump(mode="json"), separators=(",", ":")).encode()
     delivery_id = f"{job.id}:{job.status.value}:{job.timestamps.get(job.status.value, job.updated_at):.6f}"
+    # Attempts are counted per delivery: a job retried and ended again gets a full set.
+    previous = (
+        store.raw_field(job_id, "callback_attempt")
+        if store.raw_field(job_id, "callback_delivery") == delivery_id
+        else None
+    )
+    attempt = int(previous or 0) + 1
+    progress = {"_callback_delivery": delivery_id, "_callback_attempt": attempt}
     give_up = attempt >= settings.callback_max_attempts
     try:
         status = sender(ctx).post(job.callback_url, body, secret.get_secret_value(), delivery_id)
@@ -67,18 +74,32 @@ def deliver(job_id: str, ctx: Context) -> bool:
         delivered, outcome = False, exc.message
     if delivered:
         store.redis.zrem(store.callbacks_key, job_id)
-        store.transition(job_id, None, incr={"attempts:callback": 1}, event=f"callback {attempt} delivered: {outcome}")
+        store.transition(
+            job_id,
+            None,
+            set_fields=progress,
+            incr={"attempts:callback": 1},
+            event=f"callback {attempt} delivered: {outcome}",
+        )
         return True
     if give_up:
         store.redis.zrem(store.callbacks_key, job_id)
         log.warning("job %s: callback given up after %d attempts: %s", job_id, attempt, outcome)
         store.transition(
-            job_id, None, incr={"attempts:callback": 1}, event=f"callback {attempt} failed: {outcome}; given up"
+            job_id,
+            None,
+            set_fields=progress,
+            incr={"attempts:callback": 1},
+            event=f"callback {attempt} failed: {outcome}; given up",
         )
         return False
     wait = backoff(attempt, settings.callback_retry_base_s, settings.callback_retry_max_s)
     store.redis.zadd(store.callbacks_key, {job_id: time.time() + wait})
     store.transition(
-        job_id, None, incr={"attempts:callback": 1}, event=f"callback {attempt} failed: {outcome}; next in {wait:.1f}s"
+        job_id,
+        None,
+        set_fields=progress,
+        incr={"attempts:callback": 1},
+        event=f"callback {attempt} failed: {outcome}; next in {wait:.1f}s",
     )
     return False

@@ -66,6 +66,7 @@ from workers.runner import QUEUE_OF
 log = logging.getLogger("lipsync.gateway")
 VERSION = "1.0.0"
 _SCAN_PAGE = 200  # ids read from an index at a time while filtering a page by status
+_MAX_SCANS = 25  # slices read per request at most: 5,000 ids
 
 
 class ApiError(Exception):
@@ -404,11 +405,17 @@ def _decode_cursor(cursor: str | None) -> tuple[float, str] | None:
 def _page(
     store: JobStore, index: str, after: tuple[float, str] | None, limit: int, status: JobStatus | None
 ) -> tuple[list[str], str | None]:
-    """Ids from a sorted set (score = creation time), newest first, strictly after the cursor."""
+    """Ids from a sorted set (score = creation time), newest first, strictly after the cursor.
+
+    A status filter reads at most `_MAX_SCANS` slices of the index per request: a page may then
+    be short, and its cursor carries on from where the reading stopped.
+    """
     found: list[tuple[str, float]] = []
     top: float | str = "+inf" if after is None else after[0]
     skip_through = after
-    while len(found) < limit + 1:
+    last_seen: tuple[str, float] | None = None
+    exhausted = False
+    for _ in range(_MAX_SCANS):
         entries = store.redis.zrevrangebyscore(index, top, "-inf", start=0, num=_SCAN_PAGE, withscores=True)
         batch = [(raw.decode(), float(score)) for raw, score in entries]
         if skip_through is not None:
@@ -416,17 +423,28 @@ def _page(
             batch = [(i, s) for i, s in batch if s < skip_through[0] or i < skip_through[1]]
         if status is not None and batch:
             statuses = store.statuses(i for i, _ in batch)
-            matching = [(i, s) for i, s in batch if statuses.get(i) is status]
+            batch_matching = [(i, s) for i, s in batch if statuses.get(i) is status]
         else:
-            matching = batch
-        found.extend(matching)
+            batch_matching = batch
+        for entry in batch_matching:
+            found.append(entry)
+            if len(found) == limit + 1:
+                break
+        if len(found) > limit:
+            break
+        if batch:
+            last_seen = batch[-1]
         if len(entries) < _SCAN_PAGE or not batch:
+            exhausted = True
             break
         last_id, last_score = batch[-1]
         top, skip_through = last_score, (last_score, last_id)
     page = found[:limit]
-    more = len(found) > limit
-    return [i for i, _ in page], (_encode_cursor(page[-1][1], page[-1][0]) if more and page else None)
+    if len(found) > limit:
+        return [i for i, _ in page], _encode_cursor(page[-1][1], page[-1][0])
+    if not exhausted and last_seen is not None:  # the scan budget ran out before the page filled
+        return [i for i, _ in page], _encode_cursor(last_seen[1], last_seen[0])
+    return [i for i, _ in page], None
 
 
 # batches ---------------------------------------------------------------------------------------

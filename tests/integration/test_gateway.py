@@ -365,6 +365,56 @@ def test_forged_replayed_stale_and_malformed_webhooks_are_refused_and_a_duplicat
     assert gateway.store.get(other["id"]).status.value == "completed"
 
 
+def test_fal_error_reported_by_webhook_fails_the_job_in_fals_words(gateway: GatewayStack, emulator: Any) -> None:
+    emulator.set_faults(model_error="once")
+    try:
+        job = submit(gateway)
+        done = gateway.wait_for(job["id"], timeout=POLL_FIRST_S)
+    finally:
+        emulator.clear_faults()
+    assert done["status"] == "failed", done
+    assert done["error"]["code"] == "fal_error" and done["error"]["stage"] == "webhook"
+    assert "poll" not in done["attempts"]
+    assert any(e.startswith("failed (by webhook): fal_error") for e in gateway.events(job["id"]))
+
+
+def test_poll_and_webhook_racing_move_the_job_on_exactly_once(gateway: GatewayStack) -> None:
+    from config.settings import Settings
+    from lipsync.models import FalRequest, Job, JobStatus, LipsyncInput
+    from workers.context import build_context
+    from workers.poll import accept_result
+
+    # Its own prefix: no dispatcher looks at this job, only the racers below.
+    ctx = build_context(Settings(redis_url=gateway.env["LIPSYNC_REDIS_URL"], key_prefix="race"))
+    now = time.time()
+    fal = FalRequest(request_id="req-race", status_url="http://x/s", response_url="http://x/r", cancel_url="http://x/c")
+    job = Job(
+        id=ctx.store.new_id(), status=JobStatus.queued, request=LipsyncInput(video_url="s3://b/v", audio_url="s3://b/a"),
+        request_digest="d", created_at=now, updated_at=now, deadline_at=now + 600,
+    )  # fmt: skip
+    ctx.store.create(job, dispatch_lease_s=3600)
+    ctx.store.transition(job.id, JobStatus.in_progress, set_fields={"fal": fal.model_dump(mode="json")})
+    at_fal = ctx.store.get(job.id)
+    body = {"video": {"url": "http://127.0.0.1:9/out.mp4"}}
+    barrier = threading.Barrier(8)
+    wins: list[str] = []
+
+    def race(via: str) -> None:
+        barrier.wait()
+        if accept_result(at_fal, ctx, body, via=via):
+            wins.append(via)
+
+    racers = [threading.Thread(target=race, args=("poll" if n % 2 else "webhook",)) for n in range(8)]
+    for racer in racers:
+        racer.start()
+    for racer in racers:
+        racer.join()
+    assert len(wins) == 1, wins
+    assert ctx.store.get(job.id).status is JobStatus.storing
+    completions = [e["event"] for e in ctx.store.events(job.id) if e["event"].startswith("fal completed")]
+    assert completions == [f"fal completed (by {wins[0]}); storing the output"]
+
+
 # callbacks out -------------------------------------------------------------------------------------
 def test_callback_is_signed_retried_and_verified_by_the_platform_with_the_documented_snippet(
     gateway: GatewayStack,
@@ -465,6 +515,41 @@ def test_batch_counts_and_cursor_pages_cover_every_job_once(gateway: GatewayStac
     assert counts == {"failed": 7}
     failed = gateway.acme.http.get("/v1/jobs", params={"status": "failed", "batch": batch["id"]}).json()["jobs"]
     assert len(failed) == 7 and all(j["error"]["code"] for j in failed)
+
+
+def test_cursor_pages_survive_equal_times_and_sparse_status_filters(
+    redis_server: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lipsync.models import JobStatus
+    from producers.gateway import app as gateway_app
+
+    client = redis.Redis.from_url(redis_db(redis_server.url, 7))
+    client.flushdb()
+    store = JobStore(client, "pages")
+    index = "pages:index"
+    ids = [f"{n:032x}" for n in range(1000)]
+    # Many jobs share a creation time; one in 37 is failed.
+    client.zadd(index, {job_id: float(n // 7) for n, job_id in enumerate(ids)})
+    for n, job_id in enumerate(ids):
+        client.hset(store.job_key(job_id), "status", "failed" if n % 37 == 0 else "queued")
+    monkeypatch.setattr(gateway_app, "_MAX_SCANS", 2)  # force short pages: the budget runs out
+
+    def read_all(status: JobStatus | None, limit: int) -> list[str]:
+        seen: list[str] = []
+        cursor = None
+        for _ in range(2000):
+            page, next_cursor = gateway_app._page(store, index, gateway_app._decode_cursor(cursor), limit, status)
+            seen += page
+            if next_cursor is None:
+                return seen
+            cursor = next_cursor
+        raise AssertionError("pages never ended")
+
+    newest_first = sorted(ids, key=lambda i: (int(i, 16) // 7, i), reverse=True)
+    assert read_all(None, 9) == newest_first
+    failed = [i for i in newest_first if int(i, 16) % 37 == 0]
+    assert read_all(JobStatus.failed, 4) == failed
+    client.close()
 
 
 # refusals ------------------------------------------------------------------------------------------
