@@ -128,7 +128,7 @@ def render_stats(stats: Stats) -> Group:
                      f"{stats.output_seconds_per_minute:.1f} s of output/min")  # fmt: skip
     headline.add_row("output", f"{stats.output_seconds:.1f} s of video")
     headline.add_row("estimated spend", f"${stats.spend_usd:.2f}")
-    headline.add_row("now", " ".join(f"{status}:{count}" for status, count in stats.now.items()) or "no jobs")
+    headline.add_row("all jobs now", " ".join(f"{status}:{count}" for status, count in stats.now.items()) or "none")
     parts: list[Any] = [headline]
     if stats.latency:
         latency = Table(title="latency of completed jobs, s")
@@ -147,8 +147,9 @@ def render_stats(stats: Stats) -> Group:
         parts.append(latency)
     if stats.failures:
         failures = Table(title="failures by cause")
-        for column in ("code", "jobs", "for example"):
-            failures.add_column(column)
+        failures.add_column("code")
+        failures.add_column("jobs", justify="right")
+        failures.add_column("for example")
         for failure in stats.failures:
             failures.add_row(failure.code, str(failure.count), failure.example)
         parts.append(failures)

@@ -7,6 +7,8 @@ schedule into task messages (see `workers.dispatcher`), and serves the job metri
 from __future__ import annotations
 
 import logging
+import shutil
+from pathlib import Path
 from typing import Any
 
 from celery import Celery
@@ -21,6 +23,7 @@ app.config_from_object(celery_config(get_settings()))
 app.autodiscover_tasks(["workers"], related_name="tasks", force=True)
 
 _dispatcher: Any = None
+_metrics_dir: Path | None = None
 
 
 @worker_init.connect
@@ -39,6 +42,11 @@ def _serve_metrics(**_: Any) -> None:
     path = metrics.multiprocess_dir(settings.metrics_port, settings.metrics_dir)
     try:
         metrics.serve(JobStore(client, settings.key_prefix), settings.metrics_port, settings.metrics_address, path)
+        global _metrics_dir
+        _metrics_dir = path
+        logging.getLogger("lipsync.metrics").info(
+            "metrics: serving http://%s:%d/metrics", settings.metrics_address, settings.metrics_port
+        )
     except OSError as exc:  # port taken (another worker on this host): work on, unmeasured
         logging.getLogger("lipsync.metrics").warning(
             "metrics: cannot listen on %s:%d (%s); set LIPSYNC_METRICS_PORT per worker",
@@ -65,6 +73,13 @@ def _start_dispatcher(**_: Any) -> None:
 def _stop_dispatcher(**_: Any) -> None:
     if _dispatcher is not None:
         _dispatcher.stop()
+
+
+@worker_shutdown.connect
+def _remove_metrics_files(**_: Any) -> None:
+    # The values live as long as the worker: Prometheus has scraped them, a restart starts anew.
+    if _metrics_dir is not None and not get_settings().metrics_dir:
+        shutil.rmtree(_metrics_dir, ignore_errors=True)
 
 
 @worker_process_init.connect
