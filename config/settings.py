@@ -18,7 +18,8 @@ class Settings(BaseSettings):
     fal_key: SecretStr = Field(default=SecretStr(""), validation_alias=AliasChoices("FAL_KEY", "LIPSYNC_FAL_KEY"))
     fal_queue_url: str = "https://queue.fal.run"
     fal_app: str = "fal-ai/sync-lipsync/v3"
-    # Public base URL of a gateway that receives fal webhooks; empty = poll only.
+    # The gateway's webhook URL, e.g. https://lipsync.example.com/v1/fal/webhook (each job gets
+    # "/<job id>" appended); empty = poll only. Polling stays on either way, as the safety net.
     fal_webhook_url: str = ""
     # fal's webhook signing keys (JWKS), how long they are cached, and the accepted clock skew.
     fal_jwks_url: str = "https://rest.alpha.fal.ai/.well-known/jwks.json"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -27,6 +28,7 @@ HEADER_USER_ID = "x-fal-webhook-user-id"
 HEADER_TIMESTAMP = "x-fal-webhook-timestamp"
 HEADER_SIGNATURE = "x-fal-webhook-signature"
 _REFRESH_AFTER_FAILURE_S = 60.0
+log = logging.getLogger("lipsync.falhooks")
 
 
 class WebhookRejected(LipsyncError):
@@ -99,8 +101,15 @@ class JwksCache:
             age = time.monotonic() - self._fetched_at
             stale = age > self.ttl_s or not self._keys
             if stale or (refresh and age > _REFRESH_AFTER_FAILURE_S):
-                self._keys = parse_jwks(self._fetch(self.url))
-                self._fetched_at = time.monotonic()
+                try:
+                    self._keys = parse_jwks(self._fetch(self.url))
+                    self._fetched_at = time.monotonic()
+                except RetryableError:
+                    if not self._keys:
+                        raise
+                    # fal's key server is away: keep verifying with the keys we have, ask again soon.
+                    log.warning("fal's JWKS could not be refreshed; using the cached keys")
+                    self._fetched_at = time.monotonic() - self.ttl_s + _REFRESH_AFTER_FAILURE_S
             return list(self._keys)
 
 

@@ -268,8 +268,13 @@ def _prepare(gateway: Gateway, spec: JobCreate, loc: list[str | int]) -> Lipsync
 
 
 def _create(gateway: Gateway, tenant: Tenant, spec: JobCreate, request: LipsyncInput, batch_id: str | None) -> Job:
+    conflict = ApiError(
+        409,
+        "idempotency_conflict",
+        "this idempotency key was already used for a different request; use a new key for a new request",
+    )
     try:
-        return gateway.client.submit_request(
+        job = gateway.client.submit_request(
             request,
             idempotency_key=tenant_idempotency_key(tenant.name, spec.idempotency_key) if spec.idempotency_key else None,
             metadata=spec.metadata,
@@ -278,11 +283,10 @@ def _create(gateway: Gateway, tenant: Tenant, spec: JobCreate, request: LipsyncI
             callback_url=spec.callback_url,
         )
     except IdempotencyConflict:
-        raise ApiError(
-            409,
-            "idempotency_conflict",
-            "this idempotency key was already used for a different request; use a new key for a new request",
-        ) from None
+        raise conflict from None
+    if job.tenant != tenant.name:  # a key someone chose outside the gateway: never hand over their job
+        raise conflict
+    return job
 
 
 def _owned(gateway: Gateway, tenant: Tenant, job_id: str, *, presign: bool = False) -> Job:

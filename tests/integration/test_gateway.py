@@ -288,9 +288,28 @@ def test_job_finishes_by_fal_webhook_long_before_the_first_poll(gateway: Gateway
     assert abs(done["output"]["duration"] - 5.0) < 0.05 and done["output"]["presigned_url"].startswith("http")
     assert done["metadata"] == {"clip": "c-1"}
     assert emulator.counters()["by_marker"][job["id"]] == 1
-    print(f"\nwebhook: completed in {elapsed:.2f}s; first poll was due at {POLL_FIRST_S:.0f}s")
+    fal_finished = emulator.inspect(done["fal_request_id"])["finished"]
+    moved_on = done["timestamps"]["storing"] - fal_finished
+    assert moved_on < 2.0, f"the job moved on {moved_on:.2f}s after fal finished"
+    print(
+        f"\nwebhook: completed in {elapsed:.2f}s, moved on {moved_on * 1000:.0f} ms after fal finished; "
+        f"the first poll was due at {POLL_FIRST_S:.0f}s"
+    )
     # The poll, when it comes, finds the job moved on and changes nothing.
     assert gateway.store.get(job["id"]).attempts.get("poll") is None
+
+
+def test_without_webhooks_polling_still_completes_the_job(
+    workers: Any, client: Any, emulator: Any, media: dict[str, str]
+) -> None:
+    """The session's workers submit with no webhook URL: the poll is the safety net, and says so."""
+    job = client.submit(media["video_3s"], media["audio_3s"])
+    (done,) = client.wait([job.id], timeout_s=60)
+    assert done.status.value == "completed"
+    events = [e["event"] for e in client.store.events(job.id)]
+    assert "fal completed (by poll); storing the output" in events
+    moved_on = done.timestamps["storing"] - emulator.inspect(done.fal.request_id)["finished"]
+    print(f"\npoll (first after 0.3 s, backoff to 2 s): moved on {moved_on * 1000:.0f} ms after fal finished")
 
 
 def _fal_body(request_id: str, status: str = "OK") -> bytes:

@@ -146,3 +146,23 @@ def test_callback_signature_verifies_with_the_documented_snippet() -> None:
     old = callbacks.sign("whsec_test", body, int(time.time()) - 600)
     assert not verify("whsec_test", body, old)
     assert not callbacks.verify("whsec_test", body, old)
+
+
+def test_cached_keys_keep_verifying_while_fals_key_server_is_away() -> None:
+    from lipsync.errors import RetryableError
+
+    signer = FalSigner()
+    answers: list[object] = [signer.jwks()]
+
+    def fetch(_: str) -> object:
+        answer = answers.pop(0) if answers else None
+        if answer is None:
+            raise RetryableError("down", code="jwks_unavailable")
+        return answer
+
+    jwks = JwksCache("https://fal.invalid/jwks", ttl_s=1, fetch=fetch)
+    verify_delivery(signer.headers("req-1", BODY), BODY, jwks)
+    jwks._fetched_at -= 10  # the keys are past their time to live and the server does not answer
+    verify_delivery(signer.headers("req-1", BODY), BODY, jwks)
+    with pytest.raises(RetryableError):  # never any keys at all: the delivery waits (503), fal retries
+        verify_delivery(signer.headers("req-1", BODY), BODY, JwksCache("https://fal.invalid/jwks", fetch=fetch))
