@@ -124,16 +124,18 @@ class Storage:
         return self.head(key) is not None
 
     def download_to_file(self, bucket: str, key: str, fileobj: Writable, *, max_bytes: int) -> int:
-        """Stream an object into `fileobj` in chunks; the size cap is checked before reading."""
+        """Stream an object into `fileobj` in chunks; the size cap is checked before reading.
+
+        One GET, no HEAD first: the GET's own Content-Length gives the size before the body is
+        read (a HEAD per input was a third of the stage's S3 calls, and of its CPU)."""
         where = self.uri(key, bucket)
-        found = self.head(key, bucket)
-        if found is None:
-            raise InvalidInput(f"{where} does not exist")
-        if int(found.get("ContentLength", 0)) > max_bytes:
-            raise TooLarge(f"{where} is {found['ContentLength']} bytes, over the limit of {max_bytes} bytes")
         written = 0
         try:
-            body = self.client.get_object(Bucket=bucket, Key=key)["Body"]
+            found = self.client.get_object(Bucket=bucket, Key=key)
+            body = found["Body"]
+            if int(found.get("ContentLength", 0)) > max_bytes:
+                body.close()
+                raise TooLarge(f"{where} is {found['ContentLength']} bytes, over the limit of {max_bytes} bytes")
             for chunk in body.iter_chunks(_CHUNK):
                 written += len(chunk)
                 if written > max_bytes:

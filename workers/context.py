@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass
 
 import redis
@@ -58,12 +59,16 @@ def build_context(settings: Settings) -> Context:
 
 _context: Context | None = None
 _context_pid: int | None = None
+# The threads pool's first tasks arrive together: without the lock each built its own clients.
+_context_lock = threading.Lock()
 
 
 def get_context() -> Context:
     """This process's context; a forked child builds its own rather than share sockets."""
     global _context, _context_pid
     if _context is None or _context_pid != os.getpid():
-        _context = build_context(get_settings())
-        _context_pid = os.getpid()
+        with _context_lock:
+            if _context is None or _context_pid != os.getpid():
+                _context = build_context(get_settings())
+                _context_pid = os.getpid()
     return _context
