@@ -52,6 +52,7 @@ from producers.gateway.schemas import (
     JOB_ID_PATTERN,
     Batch,
     BatchCreate,
+    FalWebhookDelivery,
     Health,
     JobCreate,
     JobEvent,
@@ -523,6 +524,21 @@ def _add_service_routes(app: FastAPI) -> None:
             503: _problem("fal's keys could not be fetched; fal delivers again"),
         },
         tags=["fal"],
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": FalWebhookDelivery.model_json_schema()}},
+            },
+            "parameters": [
+                {"name": name, "in": "header", "required": True, "schema": {"type": "string"}}
+                for name in (
+                    "X-Fal-Webhook-Request-Id",
+                    "X-Fal-Webhook-User-Id",
+                    "X-Fal-Webhook-Timestamp",
+                    "X-Fal-Webhook-Signature",
+                )
+            ],
+        },
     )
     async def fal_webhook(job_id: JobId, request: Request) -> WebhookAck:
         """Where fal reports a request's end (`fal_webhook` at submit); verified with fal's JWKS."""

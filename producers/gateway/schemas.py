@@ -89,6 +89,16 @@ class ValidationProblem(BaseModel):
     detail: list[ValidationProblemItem]
 
 
+class FalWebhookDelivery(BaseModel):
+    """What fal POSTs when a request ends (documentation: the raw body is verified, then read)."""
+
+    request_id: str
+    gateway_request_id: str | None = None
+    status: Literal["OK", "ERROR"]
+    payload: Any | None = None
+    error: str | None = None
+
+
 class WebhookAck(BaseModel):
     outcome: Literal["accepted", "duplicate"]
     job_id: str

@@ -609,15 +609,15 @@ def test_revoked_key_stops_working_and_a_rotated_one_starts(gateway: GatewayStac
 
 
 def test_rate_limit_per_key_answers_429_with_retry_after(gateway: GatewayStack) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
     time.sleep(1 - time.time() % 1)  # a fresh one-second window
-    answers = [gateway.globex.http.get("/healthz") for _ in range(3)]  # not limited: no key needed
-    statuses = [gateway.globex.http.get("/v1/jobs", params={"limit": 1}).status_code for _ in range(60)]
-    assert all(a.status_code == 200 for a in answers)
-    assert 429 in statuses and statuses.count(200) <= 40
-    limited = gateway.globex.http.get("/v1/jobs", params={"limit": 1})
-    if limited.status_code == 429:
-        assert int(limited.headers["retry-after"]) >= 1
-    time.sleep(1.1)
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(lambda _: gateway.globex.http.get("/v1/jobs", params={"limit": 1}), range(120)))
+    statuses = [a.status_code for a in answers]
+    assert set(statuses) == {200, 429} and statuses.count(200) <= 80  # 40 a second, two windows at most
+    assert all(int(a.headers["retry-after"]) >= 1 for a in answers if a.status_code == 429)
+    assert httpx.get(f"{gateway.url}/healthz").status_code == 200  # needs no key, counts against none
     assert gateway.acme.http.get("/v1/jobs", params={"limit": 1}).status_code == 200  # another key, its own budget
 
 
@@ -674,6 +674,7 @@ def test_openapi_spec_fuzzed_by_schemathesis_gives_no_5xx_and_no_schema_violatio
             capture_output=True,
             text=True,
             timeout=240,
+            cwd=tmp_path,  # its cache (.schemathesis/) stays out of the working tree
         )
         elapsed = time.monotonic() - started
     finally:
