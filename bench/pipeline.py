@@ -16,6 +16,14 @@ from lipsync.storage import Storage
 
 TERMINAL = ("completed", "failed", "cancelled")
 AT_FAL = ("submitted", "in_queue", "in_progress")
+# Where a job's time goes, from its timestamps (ts:<status> is when it entered the status).
+_PHASES = (
+    ("waiting_for_stage", "queued", "staging"),
+    ("stage", "staging", "submitting"),
+    ("submit", "submitting", "submitted"),
+    ("at_fal_beyond_L", "submitted", "storing"),
+    ("store", "storing", "completed"),
+)
 # Commands the bench itself sends per progress sample (SCARD per status, pipelined).
 _PROGRESS_COMMANDS = len(JobStatus)
 
@@ -55,8 +63,13 @@ def run_jobs(
     env: Mapping[str, str] | None = None,
     on_workers: Callable[[Workers], Any] | None = None,
     sample_interval: float = 1.0,
+    hold_s: float | None = None,
 ) -> dict[str, Any]:
-    """Run `jobs` jobs through fresh workers; returns the run's record (raw figures, no stats)."""
+    """Run `jobs` jobs through fresh workers; returns the run's record (raw figures, no stats).
+
+    With `hold_s`, fal holds every request in its queue (the emulator runs one at a time) until
+    all jobs wait there, keeps them waiting `hold_s` seconds more (the workers' CPU and memory
+    are measured over that plateau), then runs them all at once with latency L."""
     from config.settings import Settings
     from producers.api import LipsyncClient
 
@@ -82,10 +95,16 @@ def run_jobs(
             probes[f"{name}_cpu"] = CpuRateProbe(pid)
         with Sampler(probes, interval=sample_interval) as sampler:
             request = LipsyncInput(video_url=inputs.video_uri, audio_url=inputs.audio_uri)
+            if hold_s is not None:
+                emulator.configure(concurrency=1)
             started = time.time()
             ids = [client.submit_request(request).id for _ in range(jobs)]
             submitted = time.time()
             deadline = time.monotonic() + timeout
+            if hold_s is not None:
+                plateau = hold(stack, jobs, hold_s, worker_pids, deadline, started)
+                progress_samples += plateau.pop("progress_samples")
+                emulator.configure(concurrency=100000)
             while True:
                 found = counts(stack)
                 progress_samples += 1
@@ -118,8 +137,48 @@ def run_jobs(
         commands=commands,
         sampler=sampler,
         worker_names=list(worker_pids),
-        extra={"profile": attachment.result() if attachment is not None and hasattr(attachment, "result") else None},
+        extra={
+            "profile": attachment.result() if attachment is not None and hasattr(attachment, "result") else None,
+            **({"plateau": plateau} if hold_s is not None else {}),
+        },
     )
+
+
+def hold(
+    stack: BenchStack, jobs: int, hold_s: float, worker_pids: Mapping[str, int], deadline: float, started: float
+) -> dict[str, Any]:
+    """Wait until every job waits at fal, then measure the workers over `hold_s` of pure waiting."""
+    samples = 0
+    while time.monotonic() < deadline:
+        found = counts(stack)
+        samples += 1
+        if sum(found[s] for s in AT_FAL) + sum(found[s] for s in TERMINAL) >= jobs:
+            break
+        time.sleep(0.5)
+    all_waiting = time.time() - started
+    waiting = sum(counts(stack)[s] for s in AT_FAL)
+    meter = CpuMeter(worker_pids).start()
+    memory = {name: RssProbe(pid) for name, pid in worker_pids.items()}
+    peak: dict[str, float] = {}
+    polls_before = stack.emulator.counters()["status_polls"] if stack.emulator else 0
+    end = time.monotonic() + hold_s
+    while time.monotonic() < end:
+        for name, probe in memory.items():
+            for kind, value in probe().items():
+                peak[f"{name}_{kind}"] = max(peak.get(f"{name}_{kind}", 0.0), value)
+        time.sleep(1.0)
+    cpu = meter.stop()
+    polls = (stack.emulator.counters()["status_polls"] if stack.emulator else 0) - polls_before
+    return {
+        "waiting_at_fal": waiting,
+        "all_waiting_after_s": all_waiting,
+        "hold_s": hold_s,
+        "cpu_cores": {name: seconds / hold_s for name, seconds in cpu.items()},
+        "status_polls_per_s": polls / hold_s,
+        "pss_mb": sum(v for k, v in peak.items() if k.endswith("_pss")) / 2**20,
+        "rss_mb": sum(v for k, v in peak.items() if k.endswith("_rss")) / 2**20,
+        "progress_samples": samples + 1,
+    }
 
 
 def summarise_run(
@@ -167,6 +226,13 @@ def summarise_run(
     ]
     store_times = [j.timestamps["completed"] - j.timestamps["storing"] for j in completed if "storing" in j.timestamps]
     staged = [j.timestamps["submitting"] for j in completed if "submitting" in j.timestamps]
+    phases: dict[str, list[float]] = {}
+    for job in completed:
+        ts = job.timestamps
+        for name, start, end in _PHASES:
+            if start in ts and end in ts:
+                value = ts[end] - ts[start] - (latency if name == "at_fal_beyond_L" else 0.0)
+                phases.setdefault(name, []).append(value)
     sizes = sorted(j.output.file_size or 0 for j in completed if j.output is not None)
     return {
         "jobs": len(records),
@@ -185,6 +251,9 @@ def summarise_run(
         "output_bytes": sizes[len(sizes) // 2] if sizes else 0,
         "store_p50_s": percentile(store_times, 50),
         "polls_per_job": sum(polls) / max(1, len(polls)),
+        "phases_s": {
+            name: {"p50": percentile(values, 50), "p95": percentile(values, 95)} for name, values in phases.items()
+        },
         "worker_cpu_s": worker_cpu,
         "worker_cpu_ms_per_job": 1000 * worker_cpu / n,
         "cpu_ms_per_job": {name: 1000 * seconds / n for name, seconds in cpu.items()},

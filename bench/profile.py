@@ -14,26 +14,29 @@ from typing import Any
 
 from bench.stack import Workers
 
-# Innermost match wins; order matters only within one frame's path.
+# py-spy names files relative to their sys.path entry: "kombu/messaging.py", "workers/poll.py".
 _COMPONENTS = (
-    ("lipsync.probe / PyAV", ("/av/", "lipsync/probe.py")),
+    ("lipsync.probe / PyAV", ("av/", "lipsync/probe.py", "emulator/media.py")),
     ("hashing", ("hashlib", "workers/transit.py")),
-    ("boto3 / botocore (S3)", ("/botocore/", "/boto3/", "/s3transfer/", "/urllib3/")),
-    ("httpx (fal, fetch)", ("/httpx/", "/httpcore/", "/h11/", "lipsync/fetcher.py")),
-    ("redis client", ("/redis/",)),
-    ("kombu (broker)", ("/kombu/",)),
-    ("celery", ("/celery/", "/billiard/")),
-    ("pydantic", ("/pydantic/", "/pydantic_core/", "lipsync/models.py")),
-    ("json", ("/json/",)),
-    ("logging", ("/logging/", "config/logging.py")),
+    ("boto3 / botocore (S3)", ("botocore/", "boto3/", "s3transfer/", "urllib3/", "lipsync/storage.py")),
+    ("httpx (fal, fetch)", ("httpx/", "httpcore/", "h11/", "lipsync/fetcher.py", "lipsync/fal.py")),
+    ("redis client", ("redis/",)),
+    ("kombu (broker)", ("kombu/",)),
+    ("celery", ("celery/", "billiard/", "vine/")),
+    ("pydantic", ("pydantic/", "pydantic_core/", "lipsync/models.py")),
+    ("prometheus metrics", ("prometheus_client/", "lipsync/metrics.py")),
+    ("json", ("json/",)),
+    ("logging", ("logging/", "config/logging.py")),
     ("ssl / socket", ("ssl.py", "socket.py", "selectors.py")),
-    ("job store / runner", ("lipsync/jobstore.py", "workers/")),
+    ("job store / runner", ("lipsync/jobstore.py", "lipsync/admission.py", "workers/")),
 )
 _FRAME = re.compile(r"\(([^()]*):\d+\)$")
-
-
 # Generic frames (a socket read, json) count for whoever called them, when a caller is known.
 _GENERIC = frozenset({"json", "ssl / socket"})
+
+
+def _matches(path: str, needle: str) -> bool:
+    return path.startswith(needle) or f"/{needle}" in path
 
 
 def component(stack: str) -> str:
@@ -42,11 +45,12 @@ def component(stack: str) -> str:
     paths = []
     for frame in reversed(stack.split(";")):
         match = _FRAME.search(frame.strip())
-        paths.append(match.group(1) if match else frame)
+        if match:
+            paths.append(match.group(1))
     for generic in (False, True):
         for path in paths:
             for name, needles in _COMPONENTS:
-                if (name in _GENERIC) == generic and any(needle in path for needle in needles):
+                if (name in _GENERIC) == generic and any(_matches(path, needle) for needle in needles):
                     return name
     return "other (interpreter, stdlib)"
 
@@ -62,7 +66,8 @@ def attribute(raw: str) -> dict[str, int]:
 
 
 class PySpy:
-    """`py-spy record --subprocesses` on each worker of a run; stopped with SIGINT at its end."""
+    """`py-spy record --subprocesses --gil` on each worker of a run, stopped with SIGINT at its end.
+    `--gil` keeps only the thread holding the GIL: threads waiting for it are not work."""
 
     def __init__(self, folder: Path, rate: int = 50) -> None:
         self.folder = folder
@@ -77,8 +82,8 @@ class PySpy:
             out = self.folder / f"{name}.txt"
             self.outputs[name] = out
             self.processes[name] = subprocess.Popen(
-                [binary, "record", "--pid", str(pid), "--subprocesses", "--format", "raw", "--rate", str(self.rate),
-                 "--nonblocking", "--output", str(out)],
+                [binary, "record", "--pid", str(pid), "--subprocesses", "--gil", "--format", "raw",
+                 "--rate", str(self.rate), "--nonblocking", "--output", str(out)],
                 stdout=subprocess.DEVNULL, stderr=(self.folder / f"{name}.log").open("ab"),
             )  # fmt: skip
         return self

@@ -31,15 +31,16 @@ class Scale:
     inflight_jobs: int
     inflight_latency: float
     inflight_reps: int
+    inflight_hold_s: float
     ceiling_jobs: int
     big_sizes_mb: tuple[int, ...]
     big_reps: tuple[int, ...]
 
 
 SCALES = {
-    "smoke": Scale("smoke", 1, 4, 0.5, 4, 6, 1.0, 1, 4, (2,), (1,)),
-    "small": Scale("small", 2, 60, 2.0, 20, 200, 10.0, 1, 100, (20, 50), (2, 1)),
-    "full": Scale("full", 3, 1000, 10.0, 200, 5000, 60.0, 1, 1000, (100, 500, 2048), (3, 2, 1)),
+    "smoke": Scale("smoke", 1, 4, 0.5, 4, 6, 1.0, 1, 1.0, 4, (2,), (1,)),
+    "small": Scale("small", 2, 60, 5.0, 20, 300, 10.0, 1, 10.0, 100, (20, 50), (2, 1)),
+    "full": Scale("full", 2, 1000, 60.0, 200, 5000, 60.0, 1, 60.0, 600, (100, 500, 2048), (3, 2, 1)),
 }
 
 OVERHEAD_KEYS = (
@@ -139,28 +140,34 @@ def inflight(stack: BenchStack, scale: Scale, log: Log) -> dict[str, Any]:
     runs = []
     for rep in range(scale.inflight_reps):
         log(f"in-flight rep {rep + 1}/{scale.inflight_reps}: {n} jobs, L={latency}s")
-        run = run_jobs(stack, jobs=n, latency=latency, inputs=inputs, timeout=1200 + n, sample_interval=1.0)
+        run = run_jobs(stack, jobs=n, latency=latency, inputs=inputs, timeout=1800 + n, hold_s=scale.inflight_hold_s)
         run.update(waiting_cpu(run))
         log(_brief("pipeline", run) + f" peak at fal {run['peak_at_fal']:.0f}")
         runs.append(run)
     keys = (
-        "peak_at_fal", "peak_worker_pss_mb", "peak_worker_rss_mb", "makespan_s", "submit_s", "stage_rate_per_s",
-        "api_cpu_while_waiting", "transfer_cpu_while_waiting", "worker_cpu_ms_per_job", "polls_per_job",
+        "peak_at_fal", "waiting_at_fal", "peak_worker_pss_mb", "peak_worker_rss_mb", "makespan_s", "submit_s",
+        "stage_rate_per_s", "all_waiting_after_s", "api_cpu_while_waiting", "transfer_cpu_while_waiting",
+        "polls_per_s_while_waiting", "pss_while_waiting_mb", "worker_cpu_ms_per_job", "polls_per_job",
     )  # fmt: skip
-    return {"jobs": n, "latency_s": latency, "runs": runs, "pipeline": summarise(runs, keys)}
+    return {
+        "jobs": n, "latency_s": latency, "hold_s": scale.inflight_hold_s,
+        "runs": runs, "pipeline": summarise(runs, keys),
+    }  # fmt: skip
 
 
 def waiting_cpu(run: dict[str, Any]) -> dict[str, float]:
-    """Worker CPU (fraction of one core) while at least 90% of the peak is waiting at fal."""
-    series = run["series"]
-    peak = run["peak_at_fal"]
-    times = [at for at, value in series["at_fal"] if value >= 0.9 * peak and peak > 0]
-    found: dict[str, float] = {}
-    for name in ("api", "transfer"):
-        values = [v for at, v in series.get(f"{name}_cpu", []) if times and times[0] <= at <= times[-1]]
-        found[f"{name}_cpu_while_waiting"] = sum(values) / len(values) if values else float("nan")
-    found["stage_rate_per_s"] = run["jobs"] / max(1e-6, run["stage_span_s"]) if run.get("stage_span_s") else 0.0
-    return found
+    """The plateau's figures, flat: CPU (cores) and memory of the workers while every job waits."""
+    plateau = run.get("plateau") or {}
+    cores = plateau.get("cpu_cores", {})
+    return {
+        "waiting_at_fal": plateau.get("waiting_at_fal", 0),
+        "api_cpu_while_waiting": cores.get("api", float("nan")),
+        "transfer_cpu_while_waiting": cores.get("transfer", float("nan")),
+        "polls_per_s_while_waiting": plateau.get("status_polls_per_s", float("nan")),
+        "pss_while_waiting_mb": plateau.get("pss_mb", float("nan")),
+        "all_waiting_after_s": plateau.get("all_waiting_after_s", float("nan")),
+        "stage_rate_per_s": run["jobs"] / max(1e-6, run["stage_span_s"]) if run.get("stage_span_s") else 0.0,
+    }
 
 
 # 3: throughput ceiling, with a profile of the workers ---------------------------------------------
