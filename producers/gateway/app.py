@@ -8,8 +8,6 @@ Starlette's thread pool, on the same synchronous clients the CLI uses.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import logging
 import time
 import uuid
@@ -48,6 +46,7 @@ from lipsync.tenants import Tenant, TenantStore
 from producers.api import LipsyncClient
 from producers.gateway.falhook import FalWebhooks, WebhookProblem
 from producers.gateway.limits import BodySizeLimit, RateLimiter
+from producers.gateway.pages import InvalidCursor, decode_cursor, page_of_ids
 from producers.gateway.schemas import (
     JOB_ID_PATTERN,
     Batch,
@@ -66,8 +65,6 @@ from workers.runner import QUEUE_OF
 
 log = logging.getLogger("lipsync.gateway")
 VERSION = "1.0.0"
-_SCAN_PAGE = 200  # ids read from an index at a time while filtering a page by status
-_MAX_SCANS = 25  # slices read per request at most: 5,000 ids
 
 
 class ApiError(Exception):
@@ -334,7 +331,11 @@ def _add_job_routes(app: FastAPI) -> None:
             index = f"{gateway.settings.key_prefix}:batch:{batch}"
         else:
             index = f"{gateway.settings.key_prefix}:tenant:{tenant.name}:jobs"
-        ids, next_cursor = _page(gateway.store, index, _decode_cursor(cursor), limit, status)
+        try:
+            after = decode_cursor(cursor)
+        except InvalidCursor as exc:
+            raise FieldRefused(["query", "cursor"], exc.message, exc.code) from None
+        ids, next_cursor = page_of_ids(gateway.store, index, after, limit, status)
         jobs = [j for j in gateway.store.get_many(ids) if j.tenant == tenant.name]
         return JobPage(jobs=[public_job(job) for job in jobs], next_cursor=next_cursor)
 
@@ -386,70 +387,6 @@ def _add_job_routes(app: FastAPI) -> None:
         except InvalidTransition as exc:
             raise ApiError(409, exc.code, exc.message) from None
         return _view(gateway, tenant, job_id)
-
-
-# pagination ------------------------------------------------------------------------------------
-def _encode_cursor(score: float, job_id: str) -> str:
-    return base64.urlsafe_b64encode(f"{score!r}|{job_id}".encode()).decode().rstrip("=")
-
-
-def _decode_cursor(cursor: str | None) -> tuple[float, str] | None:
-    if cursor is None:
-        return None
-    try:
-        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        score, job_id = text.split("|", 1)
-        value = float(score)
-    except (ValueError, binascii.Error, UnicodeDecodeError):
-        raise FieldRefused(["query", "cursor"], "this cursor was not given by this API", "invalid_cursor") from None
-    if value != value or value in (float("inf"), float("-inf")):
-        raise FieldRefused(["query", "cursor"], "this cursor was not given by this API", "invalid_cursor")
-    return value, job_id
-
-
-def _page(
-    store: JobStore, index: str, after: tuple[float, str] | None, limit: int, status: JobStatus | None
-) -> tuple[list[str], str | None]:
-    """Ids from a sorted set (score = creation time), newest first, strictly after the cursor.
-
-    A status filter reads at most `_MAX_SCANS` slices of the index per request: a page may then
-    be short, and its cursor carries on from where the reading stopped.
-    """
-    found: list[tuple[str, float]] = []
-    top: float | str = "+inf" if after is None else after[0]
-    skip_through = after
-    last_seen: tuple[str, float] | None = None
-    exhausted = False
-    for _ in range(_MAX_SCANS):
-        entries = store.redis.zrevrangebyscore(index, top, "-inf", start=0, num=_SCAN_PAGE, withscores=True)
-        batch = [(raw.decode(), float(score)) for raw, score in entries]
-        if skip_through is not None:
-            # Equal scores come in reverse lexicographic order: skip what the cursor already passed.
-            batch = [(i, s) for i, s in batch if s < skip_through[0] or i < skip_through[1]]
-        if status is not None and batch:
-            statuses = store.statuses(i for i, _ in batch)
-            batch_matching = [(i, s) for i, s in batch if statuses.get(i) is status]
-        else:
-            batch_matching = batch
-        for entry in batch_matching:
-            found.append(entry)
-            if len(found) == limit + 1:
-                break
-        if len(found) > limit:
-            break
-        if batch:
-            last_seen = batch[-1]
-        if len(entries) < _SCAN_PAGE or not batch:
-            exhausted = True
-            break
-        last_id, last_score = batch[-1]
-        top, skip_through = last_score, (last_score, last_id)
-    page = found[:limit]
-    if len(found) > limit:
-        return [i for i, _ in page], _encode_cursor(page[-1][1], page[-1][0])
-    if not exhausted and last_seen is not None:  # the scan budget ran out before the page filled
-        return [i for i, _ in page], _encode_cursor(last_seen[1], last_seen[0])
-    return [i for i, _ in page], None
 
 
 # batches ---------------------------------------------------------------------------------------

@@ -540,7 +540,7 @@ def test_cursor_pages_survive_equal_times_and_sparse_status_filters(
     redis_server: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from lipsync.models import JobStatus
-    from producers.gateway import app as gateway_app
+    from producers.gateway import pages
 
     client = redis.Redis.from_url(redis_db(redis_server.url, 7))
     client.flushdb()
@@ -551,13 +551,13 @@ def test_cursor_pages_survive_equal_times_and_sparse_status_filters(
     client.zadd(index, {job_id: float(n // 7) for n, job_id in enumerate(ids)})
     for n, job_id in enumerate(ids):
         client.hset(store.job_key(job_id), "status", "failed" if n % 37 == 0 else "queued")
-    monkeypatch.setattr(gateway_app, "_MAX_SCANS", 2)  # force short pages: the budget runs out
+    monkeypatch.setattr(pages, "MAX_SCANS", 2)  # force short pages: the budget runs out
 
     def read_all(status: JobStatus | None, limit: int) -> list[str]:
         seen: list[str] = []
         cursor = None
         for _ in range(2000):
-            page, next_cursor = gateway_app._page(store, index, gateway_app._decode_cursor(cursor), limit, status)
+            page, next_cursor = pages.page_of_ids(store, index, pages.decode_cursor(cursor), limit, status)
             seen += page
             if next_cursor is None:
                 return seen
