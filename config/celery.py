@@ -48,6 +48,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             "socket_connect_timeout": 5,
             "health_check_interval": 30,
         },
+        # kombu's Redis transport with a fix for a Redis restart that otherwise ends the
+        # worker ("Unrecoverable error" while handing back unacked messages): see workers.broker.
+        "broker_transport": "workers.broker:Transport",
         "broker_connection_retry_on_startup": True,
         "broker_connection_max_retries": None,  # ride out a Redis restart instead of exiting
         "broker_pool_limit": 20,

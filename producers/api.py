@@ -59,9 +59,14 @@ class LipsyncClient:
 
     @cached_property
     def _celery(self) -> Any:
-        from workers.app import app
+        # A producer-only app built from this client's settings: the global `workers.app` is
+        # configured from the process's environment, so a client given other settings (another
+        # Redis) would otherwise send its messages to the wrong broker.
+        from celery import Celery
 
-        return app
+        from config.celery import celery_config
+
+        return Celery("lipsync-producer", config_source=celery_config(self.settings), set_as_current=False)
 
     # submit ----------------------------------------------------------------
     def build_request(
@@ -264,3 +269,5 @@ class LipsyncClient:
 
     def close(self) -> None:
         self.redis.close()
+        if "_celery" in self.__dict__:
+            self._celery.close()

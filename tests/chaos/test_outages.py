@@ -1,0 +1,214 @@
+"""Crash and outage scenarios: workers killed, Redis restarted, S3 away, fal misbehaving.
+
+Each runs a batch of at least 100 jobs (every sync mode, both length orders, the emulator
+taking 2-4 s a request) while something breaks, then checks the three promises: no job lost
+(every job terminal within the stated bound, none left in the schedule), none paid twice
+(at most one fal request per job), and every completed output really in S3 with the
+right length. The figures of each run are printed at the end of the session.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from producers.devstack import WorkerSpec
+from tests.chaos.conftest import ChaosStack, kill_group
+from tests.chaos.harness import Progress, pool_children, submit_batch, verify
+
+pytestmark = pytest.mark.slow
+
+JOBS = 100
+# Every job must be terminal this long after the last disruption ended.
+BOUND_S = 180.0
+# Failures that are the system keeping its promises, not breaking them: a submit whose
+# answer was lost (a worker killed mid-POST, a dropped answer) is failed in words rather
+# than sent twice.
+LOST_SUBMIT = {"submit_outcome_unknown"}
+
+
+@pytest.fixture(scope="package")
+def small_media(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[str, float]]:
+    from lipsync.samples import make_audio, make_video
+
+    folder = tmp_path_factory.mktemp("chaos-media")
+    return {
+        "video_short": (make_video(str(folder / "v12.mp4"), 1.2, width=160, height=120), 1.2),
+        "video_long": (make_video(str(folder / "v20.mp4"), 2.0, width=160, height=120), 2.0),
+        "audio_short": (make_audio(str(folder / "a08.wav"), 0.8), 0.8),
+        "audio_long": (make_audio(str(folder / "a16.wav"), 1.6), 1.6),
+    }
+
+
+@pytest.fixture
+def stack(chaos_stack: ChaosStack) -> Iterator[ChaosStack]:
+    """Each scenario starts with the production shape: one worker per queue, a calm emulator."""
+    chaos_stack.emulator.reset()
+    chaos_stack.emulator.configure(latency="2-4", retention_large=360, concurrency=64)
+    if not chaos_stack.s3_proxy.up:
+        chaos_stack.s3_proxy.start()
+    chaos_stack.start_workers()
+    yield chaos_stack
+    chaos_stack.emulator.clear_faults()
+
+
+@pytest.fixture
+def client(chaos_stack: ChaosStack) -> Iterator[Any]:
+    from producers.api import LipsyncClient
+
+    lipsync = LipsyncClient(chaos_stack.settings())
+    yield lipsync
+    lipsync.close()
+
+
+def finish(
+    stack: ChaosStack,
+    client: Any,
+    progress: Progress,
+    submitted: Any,
+    scenario: str,
+    tmp_path: Path,
+    figures: list[dict[str, Any]],
+    *,
+    allowed: set[str],
+    restored: list[float],
+    extra: dict[str, Any],
+) -> None:
+    all_done = progress.wait_all(BOUND_S)
+    recoveries = [r for r in (progress.recovery_after(t) for t in restored) if r is not None]
+    verdict = verify(
+        client,
+        stack.emulator,
+        submitted,
+        scenario=scenario,
+        allowed_failures=allowed,
+        tmp_path=tmp_path,
+        extra={
+            **extra,
+            "bound_s": BOUND_S,
+            "recovery_s": max(recoveries) if recoveries else None,
+            "drain_after_last_disruption_s": round(max(progress.terminal_at.values()) - restored[-1], 1)
+            if restored and progress.terminal_at
+            else None,
+        },
+    )
+    figures.append(verdict.figures)
+    print(verdict.figures)
+    assert all_done, f"not every job ended within {BOUND_S} s: {verdict.problems[:5]}"
+    assert not verdict.problems, "\n".join(verdict.problems[:20])
+    assert verdict.figures["duplicates"] == 0 and verdict.figures["lost"] == 0
+
+
+def test_workers_killed_at_random_moments_lose_nothing_and_pay_once(
+    stack: ChaosStack, client: Any, small_media: Any, tmp_path: Path, chaos_figures: list[dict[str, Any]]
+) -> None:
+    """kill -9 a transfer pool child, then a worker's main process, several times, restarting it."""
+    rng = random.Random(4)
+    submitted = submit_batch(client, small_media, JOBS, "kill-workers")
+    kills: list[str] = []
+    restored: list[float] = []
+    with Progress(client.settings.redis_url, client.settings.key_prefix, submitted.job_ids) as progress:
+        for round_ in range(4):
+            time.sleep(rng.uniform(1.5, 4.0))
+            transfer = stack.workers.processes["transfer"]
+            children = pool_children(transfer.pid)
+            if children:
+                os.kill(rng.choice(children), signal.SIGKILL)  # the pool replaces it at once
+                kills.append("transfer pool child")
+            time.sleep(rng.uniform(1.0, 3.0))
+            name = "api" if round_ % 2 == 0 else "transfer"
+            main = stack.workers.processes[name]
+            os.kill(main.pid, signal.SIGKILL)
+            kills.append(f"{name} main process")
+            main.wait(10)
+            kill_group(main)  # orphaned pool children die with their parent, as under systemd/k8s
+            stack.start_worker(name)
+            stack.wait_workers_ready()
+            restored.append(time.time())
+        finish(
+            stack, client, progress, submitted, "kill -9 workers (x8)", tmp_path, chaos_figures,
+            allowed=LOST_SUBMIT, restored=restored, extra={"kills": len(kills)},
+        )  # fmt: skip
+
+
+def test_every_worker_killed_then_one_started_finishes_the_batch(
+    stack: ChaosStack, client: Any, small_media: Any, tmp_path: Path, chaos_figures: list[dict[str, Any]]
+) -> None:
+    submitted = submit_batch(client, small_media, JOBS, "kill-all")
+    with Progress(client.settings.redis_url, client.settings.key_prefix, submitted.job_ids) as progress:
+        progress.wait_for(JOBS // 4, timeout=120)
+        stack.kill_workers()
+        killed_at = time.time()
+        time.sleep(10)
+        one = WorkerSpec("transfer,api", "prefork", 4, "only")
+        stack.starts += 1
+        stack.workers.start(one)
+        stack.wait_workers_ready()
+        restored = [time.time()]
+        try:
+            finish(
+                stack, client, progress, submitted, "kill all, wait 10 s, start one", tmp_path, chaos_figures,
+                allowed=LOST_SUBMIT, restored=restored,
+                extra={"done_before_kill": sum(1 for t in progress.terminal_at.values() if t <= killed_at)},
+            )  # fmt: skip
+        finally:
+            stack.kill_workers()
+
+
+def test_redis_restarted_mid_batch_loses_nothing(
+    stack: ChaosStack, client: Any, small_media: Any, tmp_path: Path, chaos_figures: list[dict[str, Any]]
+) -> None:
+    """kill -9 redis-server (AOF, appendfsync always) with a third of the batch done; start it again."""
+    submitted = submit_batch(client, small_media, JOBS, "redis-restart")
+    with Progress(client.settings.redis_url, client.settings.key_prefix, submitted.job_ids) as progress:
+        progress.wait_for(JOBS // 3, timeout=120)
+        stack.kill_redis()
+        time.sleep(3)
+        stack.start_redis()
+        restored = [time.time()]
+        finish(
+            stack, client, progress, submitted, "redis-server kill -9 + restart", tmp_path, chaos_figures,
+            allowed=LOST_SUBMIT, restored=restored, extra={"redis_down_s": 3},
+        )  # fmt: skip
+
+
+def test_s3_unreachable_for_ten_seconds_loses_nothing(
+    stack: ChaosStack, client: Any, small_media: Any, tmp_path: Path, chaos_figures: list[dict[str, Any]]
+) -> None:
+    """Every connection to S3 refused (and open ones reset) for 10 s, for workers and fal alike."""
+    submitted = submit_batch(client, small_media, JOBS, "s3-outage")
+    with Progress(client.settings.redis_url, client.settings.key_prefix, submitted.job_ids) as progress:
+        progress.wait_for(JOBS // 5, timeout=120)
+        stack.s3_proxy.stop()
+        time.sleep(10)
+        stack.s3_proxy.start()
+        restored = [time.time()]
+        finish(
+            stack, client, progress, submitted, "S3 unreachable 10 s", tmp_path, chaos_figures,
+            # fal cannot download inputs while S3 is away: those requests fail at fal, in its words.
+            allowed=LOST_SUBMIT | {"fal_error", "fal_validation_error"}, restored=restored,
+            extra={"s3_down_s": 10},
+        )  # fmt: skip
+
+
+def test_fal_faults_are_retried_or_explained_and_never_paid_twice(
+    stack: ChaosStack, client: Any, small_media: Any, tmp_path: Path, chaos_figures: list[dict[str, Any]]
+) -> None:
+    """20% 5xx (ingress and runner), 429s, dropped submit answers, hangs, model errors, 20 s retention."""
+    stack.emulator.configure(retention_large=20)
+    stack.emulator.set_faults(
+        ingress_5xx=0.1, runner_5xx=0.1, rate_limit=0.1, drop_submit=0.03, hang=0.02, model_error=0.05
+    )
+    submitted = submit_batch(client, small_media, JOBS, "fal-faults")
+    with Progress(client.settings.redis_url, client.settings.key_prefix, submitted.job_ids) as progress:
+        finish(
+            stack, client, progress, submitted, "fal faults", tmp_path, chaos_figures,
+            allowed=LOST_SUBMIT | {"fal_error"}, restored=[submitted.started], extra={},
+        )  # fmt: skip
