@@ -39,6 +39,9 @@ class Settings(BaseSettings):
 
     # Hosts the guarded fetcher may reach although they resolve to private addresses.
     allow_private_urls: str = ""
+    # Fixed answers for host names, "host=ip,host=ip" (as curl's --resolve): split-horizon DNS,
+    # and the hostile-input tests' public-looking names. The fetcher still checks each address.
+    resolve_overrides: str = ""
 
     # Limits.
     max_input_bytes: int = 2 * 1024**3
@@ -101,6 +104,10 @@ class Settings(BaseSettings):
 
     def allowed_private_hosts(self) -> frozenset[str]:
         return frozenset(host.strip().lower() for host in self.allow_private_urls.split(",") if host.strip())
+
+    def resolved_hosts(self) -> dict[str, str]:
+        pairs = (entry.partition("=") for entry in self.resolve_overrides.split(",") if "=" in entry)
+        return {host.strip().lower(): address.strip() for host, _, address in pairs if host.strip()}
 
 
 @lru_cache(maxsize=1)

@@ -19,6 +19,7 @@ from typing import Protocol
 
 import httpx
 
+from config.settings import Settings
 from lipsync.errors import InvalidInput, RetryableError, TooLarge, UnsafeURL
 
 Resolver = Callable[[str, int], list[str]]
@@ -44,6 +45,16 @@ def system_resolver(host: str, port: int) -> list[str]:
     except socket.gaierror as exc:
         raise InvalidInput(f"the host {host!r} could not be resolved ({exc.strerror})") from None
     return list(dict.fromkeys(str(info[4][0]) for info in infos))
+
+
+def override_resolver(overrides: dict[str, str], fallback: Resolver = system_resolver) -> Resolver:
+    """Fixed answers for some names (as curl's --resolve), the system's for the rest."""
+
+    def resolve(host: str, port: int) -> list[str]:
+        fixed = overrides.get(host.lower())
+        return [fixed] if fixed else fallback(host, port)
+
+    return resolve
 
 
 def is_public_address(ip: str) -> bool:
@@ -107,6 +118,17 @@ class GuardedFetcher:
             verify=verify,
             trust_env=False,  # a proxy from the environment would undo the pinning
             limits=httpx.Limits(max_connections=32, max_keepalive_connections=8),
+        )
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> GuardedFetcher:
+        """The fetcher producers and workers share: the same allow-list, limits and names."""
+        overrides = settings.resolved_hosts()
+        return cls(
+            allowed_private_hosts=settings.allowed_private_hosts(),
+            max_bytes=settings.max_input_bytes,
+            timeout_s=settings.fetch_timeout_s,
+            resolver=override_resolver(overrides) if overrides else None,
         )
 
     def close(self) -> None:

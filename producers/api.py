@@ -51,11 +51,7 @@ class LipsyncClient:
 
     @cached_property
     def fetcher(self) -> GuardedFetcher:
-        return GuardedFetcher(
-            allowed_private_hosts=self.settings.allowed_private_hosts(),
-            max_bytes=self.settings.max_input_bytes,
-            timeout_s=self.settings.fetch_timeout_s,
-        )
+        return GuardedFetcher.from_settings(self.settings)
 
     @cached_property
     def _celery(self) -> Any:

@@ -43,11 +43,7 @@ def build_context(settings: Settings) -> Context:
             submits_per_second=settings.submits_per_second,
         ),
         storage=Storage(settings),
-        fetcher=GuardedFetcher(
-            allowed_private_hosts=settings.allowed_private_hosts(),
-            max_bytes=settings.max_input_bytes,
-            timeout_s=settings.fetch_timeout_s,
-        ),
+        fetcher=GuardedFetcher.from_settings(settings),
         fal=FalQueueClient(
             queue_url=settings.fal_queue_url,
             app=settings.fal_app,
