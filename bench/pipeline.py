@@ -64,6 +64,7 @@ def run_jobs(
     on_workers: Callable[[Workers], Any] | None = None,
     sample_interval: float = 1.0,
     hold_s: float | None = None,
+    webhooks: bool = False,
 ) -> dict[str, Any]:
     """Run `jobs` jobs through fresh workers; returns the run's record (raw figures, no stats).
 
@@ -74,7 +75,14 @@ def run_jobs(
     from producers.api import LipsyncClient
 
     stack.fresh(latency)
+    gateway = None
+    if webhooks:  # fal's webhooks through the gateway; its CPU counts as the pipeline's
+        gateway, webhook_env = stack.start_gateway()
+        env = {**(env or {}), **webhook_env}
     workers = stack.start_workers(env=env)
+    if gateway is not None:
+        workers.processes.update(gateway.processes)
+        workers.logs.update(gateway.logs)
     client = LipsyncClient(Settings())
     emulator = stack.emulator
     assert emulator is not None
@@ -126,6 +134,10 @@ def run_jobs(
     records = []
     for start in range(0, len(ids), 500):
         records.extend(client.store.get_many(ids[start : start + 500]))
+    by_webhook = 0
+    if webhooks:  # which of poll and webhook saw each completion first
+        for job_id in ids:
+            by_webhook += any("(by webhook)" in e.get("event", "") for e in client.store.events(job_id))
     client.close()
     return summarise_run(
         records,
@@ -140,6 +152,7 @@ def run_jobs(
         extra={
             "profile": attachment.result() if attachment is not None and hasattr(attachment, "result") else None,
             **({"plateau": plateau} if hold_s is not None else {}),
+            **({"completed_by_webhook": by_webhook} if webhooks else {}),
         },
     )
 

@@ -42,6 +42,13 @@ SCALES = {
     "small": Scale("small", 2, 60, 5.0, 20, 300, 10.0, 1, 10.0, 100, (20, 50), (2, 1)),
     "full": Scale("full", 2, 1000, 60.0, 200, 5000, 60.0, 1, 60.0, 600, (100, 500, 2048), (3, 2, 1)),
 }
+# With fal's webhooks doing the reacting, polls are only the safety net for a lost webhook:
+# the first poll and the cap move out (a lost webhook then costs at most two minutes, well
+# inside fal's six-minute retention of large results).
+WEBHOOK_ENV = {
+    "LIPSYNC_POLL_INITIAL_S": "10",
+    "LIPSYNC_POLL_MAX_S": "120",
+}
 
 OVERHEAD_KEYS = (
     "makespan_s", "limit_s", "makespan_over_limit", "makespan_over_latency", "bytes_s",
@@ -104,6 +111,15 @@ def overhead(stack: BenchStack, scale: Scale, log: Log, *, baselines: bool = Tru
         ours["makespan_over_latency"] = ours["makespan_s"] / latency
         record: dict[str, Any] = {"pipeline": ours}
         log(_brief("pipeline", ours))
+        log(f"overhead rep {rep + 1}: pipeline with fal webhooks through the gateway")
+        hooked = run_jobs(
+            stack, jobs=n, latency=latency, inputs=inputs, timeout=600 + n, webhooks=True, env=WEBHOOK_ENV
+        )
+        hooked["limit_s"] = ours["limit_s"]
+        hooked["makespan_over_limit"] = hooked["makespan_s"] / ours["limit_s"]
+        hooked["makespan_over_latency"] = hooked["makespan_s"] / latency
+        record["pipeline_webhooks"] = hooked
+        log(_brief("pipeline_webhooks", hooked))
         if baselines:
             log(f"overhead rep {rep + 1}: baseline (a) fal-client subscribe pool, {width} threads")
             record["subscribe_pool"] = run_subscribe_pool(
@@ -120,11 +136,17 @@ def overhead(stack: BenchStack, scale: Scale, log: Log, *, baselines: bool = Tru
                 for name in ("subscribe_pool", "blocking_celery")
                 for metric in ("makespan_s", "worker_cpu_ms_per_job", "overhead_p95_s")
             }
+            record["ratios"].update({
+                f"{metric}:{name}:webhooks": record[name][metric] / max(1e-9, hooked[metric])
+                for name in ("subscribe_pool", "blocking_celery")
+                for metric in ("makespan_s", "worker_cpu_ms_per_job", "overhead_p95_s")
+            })  # fmt: skip
         runs.append(record)
     result: dict[str, Any] = {
         "jobs": n, "latency_s": latency, "baseline_width": width,
         "runs": runs,
         "pipeline": summarise([r["pipeline"] for r in runs], OVERHEAD_KEYS),
+        "pipeline_webhooks": summarise([r["pipeline_webhooks"] for r in runs], OVERHEAD_KEYS),
     }  # fmt: skip
     if baselines:
         for name in ("subscribe_pool", "blocking_celery"):

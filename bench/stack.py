@@ -182,6 +182,27 @@ class BenchStack:
         wait_ready(workers)
         return workers
 
+    def start_gateway(self) -> tuple[Workers, dict[str, str]]:
+        """`lipsync serve` receiving the emulator's signed webhooks; returns it and the workers' env."""
+        assert self.emulator is not None
+        self._run += 1
+        port = free_port()
+        env = {
+            "LIPSYNC_FAL_WEBHOOK_URL": f"http://127.0.0.1:{port}/v1/fal/webhook",
+            "LIPSYNC_FAL_JWKS_URL": f"{self.emulator.url}/.well-known/jwks.json",
+        }
+        path = self.logdir / f"run{self._run:03d}-gateway.log"
+        process = subprocess.Popen(
+            [sys.executable, "-m", "producers.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+             "--log-level", "warning"],
+            env={**os.environ, **self.env, **env},
+            stdout=path.open("ab"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+        wait_for_port(port, timeout=60, process=process)
+        return Workers({"gateway": process}, {"gateway": path}), env
+
     def _log(self, name: str) -> IO[bytes]:
         return (self.logdir / f"{name}.log").open("ab")
 
