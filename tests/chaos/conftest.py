@@ -13,7 +13,6 @@ without it, and a redelivered submit would then POST again: a second paid reques
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -38,6 +37,7 @@ from producers.devstack import (
 )
 from tests.chaos.proxy import TcpProxy
 from tests.conftest import Workers
+from tests.fixtures.isolated import aws_env, kill_group, settings_from
 
 FAKE_FAL_KEY = "fake-fal-key-CHAOS-7c1e55d2a9"
 FAKE_AWS_KEY_ID = "AKIACHAOSFAKE7EXAMPLE"
@@ -134,28 +134,6 @@ class ChaosStack:
         return settings_from(self.env)
 
 
-def settings_from(env: dict[str, str]) -> Any:
-    """Settings for exactly this environment, whatever the test process's own says."""
-    from config.settings import Settings
-
-    saved = dict(os.environ)
-    try:
-        for name in [n for n in os.environ if n.startswith("LIPSYNC_")]:
-            del os.environ[name]
-        os.environ.update(env)
-        return Settings()
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
-
-
-def kill_group(process: subprocess.Popen[bytes]) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        process.wait(10)
-
-
 @pytest.fixture(scope="package")
 def chaos_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ChaosStack]:
     from emulator.control import start_emulator
@@ -201,16 +179,12 @@ def chaos_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ChaosStack
         "LIPSYNC_LOG_LEVEL": "INFO",
     }
     stack: ChaosStack | None = None
-    # boto3 takes credentials from the environment: this process's S3 clients use the fake ones.
-    saved = {
-        name: os.environ.get(name) for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
-    }
-    os.environ.update({name: env[name] for name in saved})
     try:
         wait_for_s3(env["LIPSYNC_S3_ENDPOINT_URL"], proxy_port, moto_process)
         from lipsync.storage import Storage
 
-        Storage(settings_from(env)).ensure_bucket()
+        with aws_env(env):
+            Storage(settings_from(env)).ensure_bucket()
         stack = ChaosStack(
             env=env,
             redis_port=redis_port,
@@ -223,13 +197,9 @@ def chaos_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ChaosStack
             workers=Workers(env, logdir),
             logdir=logdir,
         )
-        yield stack
+        with aws_env(env):
+            yield stack
     finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
         if stack is not None:
             stack.kill_workers()
         emulator.stop()
