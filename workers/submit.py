@@ -7,15 +7,20 @@ job in words instead of paying twice.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import time
+
+import redis
 
 from lipsync.errors import PermanentError, RetryableError
 from lipsync.fal import SubmitOutcomeUnknown
-from lipsync.models import Job, JobStatus
+from lipsync.models import FalRequest, Job, JobStatus
 from workers.context import Context
 from workers.runner import Lease
 
 HANDLES = frozenset({JobStatus.submitting})
+log = logging.getLogger("lipsync.worker")
 CLAIM_FIELD = "submit_claimed_at"
 
 
@@ -66,12 +71,32 @@ def submit(job: Job, ctx: Context, lease: Lease) -> str | None:
     except PermanentError:
         ctx.admission.release(job.id)
         raise
-    store.transition(
-        job.id,
-        JobStatus.submitted,
-        from_=HANDLES,
-        set_fields={"fal": request.model_dump(mode="json")},
-        schedule_at=time.time() + settings.poll_initial_s,
-        event=f"submitted to fal as {request.request_id}",
-    )
+    saved = save_request(job, request, ctx)
+    if not saved:  # cancelled while the POST was in flight: don't pay for a result nobody wants
+        with contextlib.suppress(Exception):
+            ctx.fal.cancel(request)
     return None
+
+
+def save_request(job: Job, request: FalRequest, ctx: Context) -> bool:
+    """Record the request fal created, riding out a Redis restart: once fal has it, losing
+    its id would fail a paid job (a rerun finds the claim and must not POST again)."""
+    deadline = time.monotonic() + ctx.settings.poll_lease_s
+    pause = 0.2
+    while True:
+        try:
+            applied, _ = ctx.store.transition(
+                job.id,
+                JobStatus.submitted,
+                from_=HANDLES,
+                set_fields={"fal": request.model_dump(mode="json")},
+                schedule_at=time.time() + ctx.settings.poll_initial_s,
+                event=f"submitted to fal as {request.request_id}",
+            )
+            return applied
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            if time.monotonic() + pause > deadline:
+                raise
+            log.warning("job %s: saving fal request %s failed (%s); trying again", job.id, request.request_id, exc)
+            time.sleep(pause)
+            pause = min(2.0, pause * 2)
