@@ -209,6 +209,19 @@ def chaos_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ChaosStack
         shutil.rmtree(redis_dir, ignore_errors=True)
 
 
+@pytest.fixture(scope="package")
+def small_media(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[str, float]]:
+    from lipsync.samples import make_audio, make_video
+
+    folder = tmp_path_factory.mktemp("chaos-media")
+    return {
+        "video_short": (make_video(str(folder / "v12.mp4"), 1.2, width=160, height=120), 1.2),
+        "video_long": (make_video(str(folder / "v20.mp4"), 2.0, width=160, height=120), 2.0),
+        "audio_short": (make_audio(str(folder / "a08.wav"), 0.8), 0.8),
+        "audio_long": (make_audio(str(folder / "a16.wav"), 1.6), 1.6),
+    }
+
+
 # figures ------------------------------------------------------------------------------
 FIGURES: list[dict[str, Any]] = []
 

@@ -34,19 +34,6 @@ BOUND_S = 180.0
 LOST_SUBMIT = {"submit_outcome_unknown"}
 
 
-@pytest.fixture(scope="package")
-def small_media(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[str, float]]:
-    from lipsync.samples import make_audio, make_video
-
-    folder = tmp_path_factory.mktemp("chaos-media")
-    return {
-        "video_short": (make_video(str(folder / "v12.mp4"), 1.2, width=160, height=120), 1.2),
-        "video_long": (make_video(str(folder / "v20.mp4"), 2.0, width=160, height=120), 2.0),
-        "audio_short": (make_audio(str(folder / "a08.wav"), 0.8), 0.8),
-        "audio_long": (make_audio(str(folder / "a16.wav"), 1.6), 1.6),
-    }
-
-
 @pytest.fixture
 def stack(chaos_stack: ChaosStack) -> Iterator[ChaosStack]:
     """Each scenario starts with the production shape: one worker per queue, a calm emulator."""
