@@ -240,9 +240,12 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
     write = terminalreporter.write_line
     terminalreporter.section("chaos figures")
     columns = ("scenario", "jobs", "completed", "failed", "faults", "retries", "duplicates", "lost", "recovery_s")
-    write("  ".join(f"{c:>10}" if c != "scenario" else f"{c:<26}" for c in columns))
+    write("  ".join(f"{c:>10}" if c != "scenario" else f"{c:<32}" for c in columns))
     for row in FIGURES:
-        cells = [f"{row['scenario']:<26}"] + [f"{row.get(c, ''):>10}" for c in columns[1:]]
+        # Faults: what the emulator injected plus what the test did (kills, restarts, outages).
+        faults = sum(row.get("faults_injected", {}).values()) + row.get("kills", 0) + row.get("disruptions", 0)
+        shown = {**row, "faults": faults, "recovery_s": row.get("recovery_s") if row.get("recovery_s") else "-"}
+        cells = [f"{row['scenario']:<32}"] + [f"{shown.get(c, ''):>10}" for c in columns[1:]]
         write("  ".join(cells))
     for row in FIGURES:
         write(f"{row['scenario']}: {json.dumps(row)}")

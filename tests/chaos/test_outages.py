@@ -143,7 +143,10 @@ def test_every_worker_killed_then_one_started_finishes_the_batch(
             finish(
                 stack, client, progress, submitted, "kill all, wait 10 s, start one", tmp_path, chaos_figures,
                 allowed=LOST_SUBMIT, restored=restored,
-                extra={"done_before_kill": sum(1 for t in progress.terminal_at.values() if t <= killed_at)},
+                extra={
+                    "disruptions": 1,
+                    "done_before_kill": sum(1 for t in progress.terminal_at.values() if t <= killed_at),
+                },
             )  # fmt: skip
         finally:
             stack.kill_workers()
@@ -162,7 +165,7 @@ def test_redis_restarted_mid_batch_loses_nothing(
         restored = [time.time()]
         finish(
             stack, client, progress, submitted, "redis-server kill -9 + restart", tmp_path, chaos_figures,
-            allowed=LOST_SUBMIT, restored=restored, extra={"redis_down_s": 3},
+            allowed=LOST_SUBMIT, restored=restored, extra={"disruptions": 1, "redis_down_s": 3},
         )  # fmt: skip
 
 
@@ -181,7 +184,7 @@ def test_s3_unreachable_for_ten_seconds_loses_nothing(
             stack, client, progress, submitted, "S3 unreachable 10 s", tmp_path, chaos_figures,
             # fal cannot download inputs while S3 is away: those requests fail at fal, in its words.
             allowed=LOST_SUBMIT | {"fal_error", "fal_validation_error"}, restored=restored,
-            extra={"s3_down_s": 10},
+            extra={"disruptions": 1, "s3_down_s": 10},
         )  # fmt: skip
 
 

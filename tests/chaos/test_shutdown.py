@@ -1,0 +1,131 @@
+"""Graceful shutdown: SIGTERM lets the transfers in flight finish and hands the rest back.
+
+The inputs come from a deliberately slow web server, so that both transfer processes are
+in the middle of a download when the worker is told to stop (as `docker stop` or a
+Kubernetes rollout would). What they were doing must finish exactly once; what they had
+not started must be picked up by the next worker; nothing fails and every output is whole.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lipsync.models import JobStatus, SyncMode, output_duration
+from producers.devstack import free_port
+from tests.chaos.conftest import ChaosStack
+from tests.chaos.harness import Progress, Submitted, verify
+
+pytestmark = pytest.mark.slow
+
+SLOW_SECONDS = 4.0
+
+
+class SlowHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    body = b""
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+    def do_GET(self) -> None:  # noqa: N802
+        self.send_response(200)
+        self.send_header("Content-Type", "video/mp4")
+        self.send_header("Content-Length", str(len(self.body)))
+        self.end_headers()
+        step = max(1, len(self.body) // 40)
+        try:
+            for start in range(0, len(self.body), step):
+                self.wfile.write(self.body[start : start + step])
+                self.wfile.flush()
+                time.sleep(SLOW_SECONDS / 40)
+        except OSError:
+            pass
+
+
+@pytest.fixture
+def slow_server(small_media: Any) -> Iterator[str]:
+    SlowHandler.body = Path(small_media["video_long"][0]).read_bytes()
+    server = ThreadingHTTPServer(("127.0.0.1", free_port()), SlowHandler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/slow.mp4"
+    server.shutdown()
+
+
+def test_sigterm_lets_in_flight_transfers_finish_and_hands_the_rest_back(
+    chaos_stack: ChaosStack,
+    slow_server: str,
+    small_media: Any,
+    tmp_path: Path,
+    chaos_figures: list[dict[str, Any]],
+) -> None:
+    from producers.api import LipsyncClient
+
+    stack = chaos_stack
+    stack.emulator.reset()
+    stack.emulator.configure(latency="0.5-1", retention_large=360)
+    stack.start_workers()
+    client = LipsyncClient(stack.settings())
+    audio, audio_s = small_media["audio_short"]
+    try:
+        jobs = [client.submit(slow_server, audio, sync_mode=SyncMode.cut_off.value) for _ in range(8)]
+        submitted = Submitted(
+            [job.id for job in jobs],
+            {job.id: output_duration(SyncMode.cut_off, 2.0, audio_s) for job in jobs},
+            time.time(),
+        )
+        with Progress(client.settings.redis_url, client.settings.key_prefix, submitted.job_ids) as progress:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                staging = [i for i, s in client.store.statuses(submitted.job_ids).items() if s is JobStatus.staging]
+                if len(staging) >= 2:
+                    break
+                time.sleep(0.05)
+            assert len(staging) >= 2, "both transfer processes should be downloading"
+            time.sleep(0.5)
+            transfer = stack.workers.processes["transfer"]
+            terminated_at = time.time()
+            transfer.send_signal(signal.SIGTERM)
+            exit_code = transfer.wait(60)
+            stopped_s = round(time.time() - terminated_at, 1)
+            in_flight = client.store.get_many(staging)
+            # What was in flight finished, once: staged and on its way to fal, not interrupted.
+            assert exit_code == 0, "a warm shutdown exits cleanly"
+            for job in in_flight:
+                assert job.status not in (JobStatus.queued, JobStatus.staging, JobStatus.failed), job
+                assert job.attempts.get("stage") == 1, job.attempts
+            left = [i for i, s in client.store.statuses(submitted.job_ids).items() if s is JobStatus.queued]
+            stack.start_workers()
+            restarted_at = time.time()
+            assert progress.wait_all(120)
+        verdict = verify(
+            client,
+            stack.emulator,
+            submitted,
+            scenario="SIGTERM transfer worker",
+            allowed_failures=set(),
+            tmp_path=tmp_path,
+            extra={
+                "disruptions": 1,
+                "in_flight_at_sigterm": len(in_flight),
+                "handed_back": len(left),
+                "shutdown_s": stopped_s,
+                "recovery_s": progress.recovery_after(restarted_at),
+            },
+        )
+    finally:
+        client.close()
+    chaos_figures.append(verdict.figures)
+    assert not verdict.problems, verdict.problems
+    assert verdict.figures["completed"] == len(jobs)
+    assert all(job.attempts.get("stage") == 1 for job in verdict.jobs), "no transfer was run twice"
+    log = stack.workers.logs()
+    assert "Warm shutdown" in log and "WorkerLostError" not in log
