@@ -3,6 +3,19 @@
 The job store and its durable schedule (Redis) are the source of truth; the broker only
 carries "look at job X now". So a lost or duplicated message costs a little latency, never
 a job or a second fal request.
+
+What Redis itself must be (checked at worker start by `workers.preflight`, which warns):
+- `maxmemory-policy noeviction`: under memory pressure Redis then refuses writes (the task
+  fails and is retried) instead of silently evicting a job record, a lease or a queue.
+- `appendonly yes` with `appendfsync always`: the submit claim is written before the POST to
+  fal; with `everysec` a crash of Redis can forget the last second, claim included, and a
+  rerun would POST again (paid twice). `always` costs an fsync per write, which this
+  workload (a few writes per job per second, not thousands) affords. See docs/reliability.md.
+
+Shutdown: SIGTERM is Celery's warm shutdown: no new messages, tasks in flight run to their
+end, reserved ones go back to the queue (tests/chaos/test_shutdown.py). Give the process
+manager a grace period longer than a transfer; if it kills sooner, the job's lease lapses
+and the schedule sends it again.
 """
 
 from __future__ import annotations

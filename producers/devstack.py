@@ -98,7 +98,7 @@ def spawn_redis(port: int, workdir: Path) -> subprocess.Popen[bytes]:
             "--appendonly",
             "yes",
             "--appendfsync",
-            "everysec",
+            "always",  # every acknowledged write on disk: see config.celery
             "--save",
             "",
             "--maxmemory-policy",

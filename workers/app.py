@@ -61,6 +61,9 @@ def _start_dispatcher(**_: Any) -> None:
     global _dispatcher
     settings = get_settings()
     configure_logging(settings)
+    from workers.preflight import check_redis
+
+    check_redis(settings)
     if not settings.run_dispatcher:
         return
     from workers.dispatcher import Dispatcher
