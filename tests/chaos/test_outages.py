@@ -200,5 +200,5 @@ def test_fal_faults_are_retried_or_explained_and_never_paid_twice(
     with Progress(client.settings.redis_url, client.settings.key_prefix, submitted.job_ids) as progress:
         finish(
             stack, client, progress, submitted, "fal faults", tmp_path, chaos_figures,
-            allowed=LOST_SUBMIT | {"fal_error"}, restored=[submitted.started], extra={},
+            allowed=LOST_SUBMIT | {"fal_error"}, restored=[], extra={},
         )  # fmt: skip

@@ -92,9 +92,14 @@ def test_sigterm_lets_in_flight_transfers_finish_and_hands_the_rest_back(
             assert len(staging) >= 2, "both transfer processes should be downloading"
             time.sleep(0.5)
             transfer = stack.workers.processes["transfer"]
+            transfer_log = stack.logdir / "worker-transfer.log"
+            log_start = transfer_log.stat().st_size
             terminated_at = time.time()
             transfer.send_signal(signal.SIGTERM)
             exit_code = transfer.wait(60)
+            with transfer_log.open("rb") as handle:
+                handle.seek(log_start)
+                shutdown_log = handle.read().decode(errors="replace")
             stopped_s = round(time.time() - terminated_at, 1)
             in_flight = client.store.get_many(staging)
             # What was in flight finished, once: staged and on its way to fal, not interrupted.
@@ -127,5 +132,4 @@ def test_sigterm_lets_in_flight_transfers_finish_and_hands_the_rest_back(
     assert not verdict.problems, verdict.problems
     assert verdict.figures["completed"] == len(jobs)
     assert all(job.attempts.get("stage") == 1 for job in verdict.jobs), "no transfer was run twice"
-    log = stack.workers.logs()
-    assert "Warm shutdown" in log and "WorkerLostError" not in log
+    assert "Warm shutdown" in shutdown_log and "WorkerLostError" not in shutdown_log
