@@ -178,7 +178,15 @@ class LipsyncClient:
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         pending = list(dict.fromkeys(job_ids))
         while True:
-            statuses = self.store.statuses(pending)
+            try:
+                statuses = self.store.statuses(pending)
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                # Redis restarting (a deploy, a crash): the jobs are safe on its disk; keep waiting.
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise
+                log.warning("waiting for Redis to come back: %s", exc)
+                time.sleep(max(interval_s, 1.0))
+                continue
             if on_progress is not None:
                 on_progress(statuses)
             missing = [job_id for job_id, status in statuses.items() if status is None]

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import click
+from redis import RedisError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -39,6 +40,9 @@ def friendly_errors(function: F) -> F:
             sys.exit(2)
         except (ConnectionError, OSError) as exc:
             console.print(f"[red]error:[/red] cannot reach a service: {exc}", highlight=False)
+            sys.exit(2)
+        except RedisError as exc:  # not a builtin ConnectionError: redis-py has its own tree
+            console.print(f"[red]error:[/red] cannot reach Redis: {exc}", highlight=False)
             sys.exit(2)
 
     wrapper.__name__ = function.__name__

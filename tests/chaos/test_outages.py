@@ -9,9 +9,13 @@ right length. The figures of each run are printed at the end of the session.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
+import subprocess
+import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -155,9 +159,24 @@ def test_every_worker_killed_then_one_started_finishes_the_batch(
 def test_redis_restarted_mid_batch_loses_nothing(
     stack: ChaosStack, client: Any, small_media: Any, tmp_path: Path, chaos_figures: list[dict[str, Any]]
 ) -> None:
-    """kill -9 redis-server (AOF, appendfsync always) with a third of the batch done; start it again."""
+    """kill -9 redis-server (AOF, appendfsync always) with a third of the batch done; start it again.
+
+    A producer waiting meanwhile (the Python API in a thread, `lipsync wait` in a process)
+    rides the restart out and sees every job end.
+    """
     submitted = submit_batch(client, small_media, JOBS, "redis-restart")
+    waited: list[Any] = []
+    waiter = threading.Thread(target=lambda: waited.extend(client.wait(submitted.job_ids, timeout_s=BOUND_S * 2)))
+    env = {name: value for name, value in os.environ.items() if not name.startswith("LIPSYNC_")}
+    cli = subprocess.Popen(
+        [sys.executable, "-m", "producers.cli", "wait", *submitted.job_ids[-5:], "--json", "--timeout", "300"],
+        env={**env, **stack.env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     with Progress(client.settings.redis_url, client.settings.key_prefix, submitted.job_ids) as progress:
+        waiter.start()
         progress.wait_for(JOBS // 3, timeout=120)
         stack.kill_redis()
         time.sleep(3)
@@ -167,6 +186,11 @@ def test_redis_restarted_mid_batch_loses_nothing(
             stack, client, progress, submitted, "redis-server kill -9 + restart", tmp_path, chaos_figures,
             allowed=LOST_SUBMIT, restored=restored, extra={"disruptions": 1, "redis_down_s": 3},
         )  # fmt: skip
+    waiter.join(60)
+    assert [job.id for job in waited] == submitted.job_ids and all(job.terminal for job in waited)
+    out, err = cli.communicate(timeout=120)
+    assert cli.returncode == 0, err[-2000:]
+    assert [json.loads(line)["status"] for line in out.splitlines() if line.strip()] == ["completed"] * 5
 
 
 def test_s3_unreachable_for_ten_seconds_loses_nothing(
