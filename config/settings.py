@@ -80,7 +80,8 @@ class Settings(BaseSettings):
     gateway_max_body_bytes: int = 1024 * 1024
     gateway_rate_limit_per_s: int = 20
     gateway_max_batch: int = 500
-    # Buckets tenants may name as s3:// sources (comma-separated); empty = any bucket but ours.
+    # Buckets tenants may name as s3:// sources (comma-separated). They are read with the
+    # pipeline's own credentials, so the default is none: tenants give https URLs.
     gateway_s3_buckets: str = ""
 
     # Callbacks to tenants when a job ends: signed, retried with backoff, then given up.

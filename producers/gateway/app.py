@@ -236,8 +236,11 @@ def _check_source(gateway: Gateway, loc: list[str | int], source: str) -> None:
         if lowered.startswith("s3://"):
             bucket, _ = parse_s3_uri(source)
             allowed = {b.strip() for b in gateway.settings.gateway_s3_buckets.split(",") if b.strip()}
-            if (allowed and bucket not in allowed) or (not allowed and bucket == gateway.settings.s3_bucket):
-                raise UnsafeURL(f"the bucket {bucket!r} is not one tenants may read from")
+            if bucket not in allowed or bucket == gateway.settings.s3_bucket:
+                raise UnsafeURL(
+                    f"the bucket {bucket!r} is not one tenants may read from"
+                    + ("" if allowed else "; give an https:// URL (no buckets are open to tenants)")
+                )
         elif lowered.startswith(("https://", "http://")):
             gateway.client.fetcher.check_url(source)
         else:

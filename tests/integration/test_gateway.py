@@ -218,6 +218,7 @@ def gateway(
         "LIPSYNC_GATEWAY_RATE_LIMIT_PER_S": "40",
         "LIPSYNC_GATEWAY_MAX_BODY_BYTES": "65536",
         "LIPSYNC_METRICS_PORT": "0",
+        "LIPSYNC_GATEWAY_S3_BUCKETS": f"{PLATFORM_BUCKET},lipsync-test",  # ours stays closed even if listed
     }
     from config.settings import Settings
     from lipsync.storage import Storage
@@ -579,6 +580,9 @@ def test_unsafe_sources_and_callbacks_large_bodies_and_bad_keys_are_refused(gate
         "video_url": {"video_url": "s3://lipsync-test/outputs/someone-else.mp4"},
         "audio_url": {"audio_url": "/etc/passwd"},
     }
+    unlisted = {"video_url": "s3://not-listed-bucket/v.mp4", "audio_url": gateway.sources["audio_3s"]}
+    refused = http.post("/v1/jobs", json=unlisted)
+    assert refused.status_code == 422 and "not one tenants may read from" in refused.text
     for field_name, override in cases.items():
         body = {"video_url": gateway.sources["video_3s"], "audio_url": gateway.sources["audio_3s"], **override}
         response = http.post("/v1/jobs", json=body)
