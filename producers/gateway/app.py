@@ -22,8 +22,9 @@ from fastapi import Depends, FastAPI, Path, Query, Request, Security
 from fastapi.concurrency import run_in_threadpool
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from config.celery import celery_config
@@ -496,6 +497,11 @@ def _add_service_routes(app: FastAPI) -> None:
                 raise
             raise ApiError(409, exc.code, exc.message) from None
         return WebhookAck(outcome=outcome, job_id=job_id)  # type: ignore[arg-type]
+
+    @app.get("/metrics", include_in_schema=False)
+    def metrics() -> Response:
+        """Job metrics of the transitions this gateway made (jobs completed by fal webhooks)."""
+        return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/healthz", response_model=Health, tags=["service"])
     def healthz() -> Health:

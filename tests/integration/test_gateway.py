@@ -298,6 +298,10 @@ def test_job_finishes_by_fal_webhook_long_before_the_first_poll(gateway: Gateway
     )
     # The poll, when it comes, finds the job moved on and changes nothing.
     assert gateway.store.get(job["id"]).attempts.get("poll") is None
+    # The gateway made the transition, so its own /metrics counts it (a worker's cannot).
+    metrics = httpx.get(f"{gateway.url}/metrics").text
+    assert 'lipsync_job_transitions_total{status="storing"}' in metrics
+    assert "lipsync_fal_inference_seconds_count" in metrics
 
 
 def test_without_webhooks_polling_still_completes_the_job(
