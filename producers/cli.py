@@ -86,8 +86,14 @@ def _status_text(status: JobStatus) -> str:
 
 @click.group()
 @click.version_option(package_name="lipsync-pipeline")
-def main() -> None:
+@click.pass_context
+def main(ctx: click.Context) -> None:
     """Lip-sync video at volume with fal-ai/sync-lipsync/v3."""
+    if ctx.invoked_subcommand not in ("dev", "demo", "emulator"):
+        from producers.devenv import adopt_running_stack
+
+        if adopt_running_stack() is not None:
+            console.print("[dim]using the local stack of `lipsync dev up` (.lipsync/dev)[/dim]", highlight=False)
 
 
 @main.command()
@@ -478,7 +484,10 @@ def dev_up(home: Path, latency: str) -> None:
     state, started = up(home, latency)
     console.print("local stack " + ("started" if started else "already running") + f"; logs in {state.logdir}/")
     console.print(f"Flower: {state.flower_url}\nworker metrics: {' '.join(state.metrics_urls)}", highlight=False)
-    console.print('stop it with `lipsync dev down`; in this shell first: eval "$(lipsync dev env)"')
+    console.print(
+        "lipsync commands run from this folder use it by themselves (other tools: "
+        'eval "$(lipsync dev env)"); stop it with `lipsync dev down`'
+    )
     click.echo(exports(state.env))
 
 

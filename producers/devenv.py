@@ -84,6 +84,28 @@ def process_start_time(pid: int) -> str:
     return fields[19]
 
 
+# Set any of these and you have chosen your own services: the dev stack is not used.
+_CHOSEN = ("LIPSYNC_REDIS_URL", "LIPSYNC_BROKER_URL", "LIPSYNC_FAL_QUEUE_URL", "LIPSYNC_S3_ENDPOINT_URL")
+
+
+def adopt_running_stack(home: Path = DEFAULT_DIR) -> DevState | None:
+    """Point this process at a running `lipsync dev up` stack, unless the environment chose others.
+
+    So `lipsync dev up` then `lipsync submit ...` just works, without `eval`.
+    """
+    if any(os.environ.get(name) for name in _CHOSEN):
+        return None
+    try:
+        state = DevState.load(home)
+    except (OSError, ValueError, TypeError):
+        return None
+    if state is None or not state.running:
+        return None
+    for name, value in state.env.items():
+        os.environ.setdefault(name, value)
+    return state
+
+
 def exports(env: dict[str, str]) -> str:
     return "\n".join(f"export {name}={shlex.quote(value)}" for name, value in sorted(env.items()))
 
