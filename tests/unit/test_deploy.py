@@ -44,7 +44,7 @@ def test_compose_file_matches_the_compose_spec() -> None:
 
 def test_compose_runs_the_whole_stack_the_design_asks_for() -> None:
     services = compose()["services"]
-    assert {"redis", "minio", "minio-init", "worker-transfer", "worker-api", "flower"} <= set(services)
+    assert {"redis", "minio", "minio-init", "worker-transfer", "worker-api", "flower", "gateway"} <= set(services)
     assert "--appendonly" in services["redis"]["command"] and "noeviction" in services["redis"]["command"]
     assert services["redis"]["healthcheck"] and services["redis"]["volumes"]
     assert services["emulator"]["profiles"] == ["local"]
@@ -87,6 +87,11 @@ def test_each_service_command_parses(name: str) -> None:
             assert argument.startswith("--"), argument
             option = argument[2:].split("=", 1)[0].replace("_", "-")
             assert option in options._options, f"Flower has no option --{option}"
+    elif command == "serve":
+        from producers.cli import serve
+
+        context = serve.make_context("serve", list(args))
+        assert context.params["host"] == "0.0.0.0"
     elif command == "emulator":
         from emulator.__main__ import parser
 
