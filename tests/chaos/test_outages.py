@@ -212,17 +212,33 @@ def test_s3_unreachable_for_ten_seconds_loses_nothing(
         )  # fmt: skip
 
 
+def inject_in_turn(emulator: Any, faults: list[tuple[str, int]]) -> None:
+    for name, count in faults:
+        emulator.set_faults(**{name: f"once:{count}"})
+        deadline = time.monotonic() + 60
+        while emulator.counters()["faults_injected"].get(name, 0) < count and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+
 def test_fal_faults_are_retried_or_explained_and_never_paid_twice(
     stack: ChaosStack, client: Any, small_media: Any, tmp_path: Path, chaos_figures: list[dict[str, Any]]
 ) -> None:
-    """20% 5xx (ingress and runner), 429s, dropped submit answers, hangs, model errors, 20 s retention."""
-    stack.emulator.configure(retention_large=20)
-    stack.emulator.set_faults(
-        ingress_5xx=0.1, runner_5xx=0.1, rate_limit=0.1, drop_submit=0.03, hang=0.02, model_error=0.05
+    """20% 5xx (ingress and runner), 429s, dropped submit answers, hangs, model errors, 20 s retention,
+    and a few results that expire before they are fetched."""
+    emulator = stack.emulator
+    emulator.configure(retention_large=20)
+    emulator.set_faults(ingress_5xx=0.1, runner_5xx=0.1, rate_limit=0.1, hang=0.02)
+    # Counted rather than drawn, and one kind after the other, so that each lands on requests
+    # of its own in every run (a dropped answer would hide a model error on the same request).
+    sequence = threading.Thread(
+        target=inject_in_turn, args=(emulator, [("drop_submit", 3), ("model_error", 5), ("expire_result", 2)])
     )
+    sequence.start()
     submitted = submit_batch(client, small_media, JOBS, "fal-faults")
+    sequence.join(120)
     with Progress(client.settings.redis_url, client.settings.key_prefix, submitted.job_ids) as progress:
         finish(
             stack, client, progress, submitted, "fal faults", tmp_path, chaos_figures,
-            allowed=LOST_SUBMIT | {"fal_error"}, restored=[], extra={},
+            # fal_request_gone: a result expired before it was fetched (the expire_result fault).
+            allowed=LOST_SUBMIT | {"fal_error", "fal_request_gone"}, restored=[], extra={},
         )  # fmt: skip
