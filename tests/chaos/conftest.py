@@ -21,7 +21,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ import pytest
 
 from producers.devstack import (
     DEFAULT_WORKERS,
+    WorkerSpec,
     free_port,
     spawn_moto,
     stop_process,
@@ -51,26 +52,9 @@ def spawn_durable_redis(port: int, workdir: Path) -> subprocess.Popen[bytes]:
     binary = shutil.which("redis-server")
     if binary is None:
         raise RuntimeError("redis-server is not installed")
+    options = "--bind 127.0.0.1 --appendonly yes --appendfsync always --maxmemory-policy noeviction --loglevel warning"
     return subprocess.Popen(
-        [
-            binary,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--dir",
-            str(workdir),
-            "--appendonly",
-            "yes",
-            "--appendfsync",
-            "always",
-            "--save",
-            "",
-            "--maxmemory-policy",
-            "noeviction",
-            "--loglevel",
-            "warning",
-        ],  # fmt: skip
+        [binary, "--port", str(port), "--dir", str(workdir), "--save", "", *options.split()],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -88,7 +72,7 @@ class ChaosStack:
     emulator: Any
     workers: Workers
     logdir: Path
-    extra: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    starts: int = 0  # worker starts so far, each of which logs "ready." once
 
     # redis ----------------------------------------------------------------------------
     def kill_redis(self) -> None:
@@ -99,11 +83,11 @@ class ChaosStack:
         self.redis_process = spawn_durable_redis(self.redis_port, self.redis_dir)
         wait_for_port(self.redis_port, process=self.redis_process)
 
-    starts: int = 0
-
     # workers ----------------------------------------------------------------------------
     def start_worker(self, name: str) -> subprocess.Popen[bytes]:
-        spec = next(s for s in DEFAULT_WORKERS if s.name == name)
+        return self.start_spec(next(s for s in DEFAULT_WORKERS if s.name == name))
+
+    def start_spec(self, spec: WorkerSpec) -> subprocess.Popen[bytes]:
         self.starts += 1
         return self.workers.start(spec)
 

@@ -139,8 +139,7 @@ def test_every_worker_killed_then_one_started_finishes_the_batch(
         killed_at = time.time()
         time.sleep(10)
         one = WorkerSpec("transfer,api", "prefork", 4, "only")
-        stack.starts += 1
-        stack.workers.start(one)
+        stack.start_spec(one)
         stack.wait_workers_ready()
         restored = [time.time()]
         try:
