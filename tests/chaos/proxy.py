@@ -12,6 +12,7 @@ import selectors
 import socket
 import struct
 import threading
+import time
 
 
 class TcpProxy:
@@ -22,6 +23,9 @@ class TcpProxy:
         self._connections: set[socket.socket] = set()
         self._listener: socket.socket | None = None
         self._thread: threading.Thread | None = None
+        # Bytes per second from clients to the service (uploads), 0 = as fast as it goes:
+        # a slow link makes an upload last long enough to be interrupted on purpose.
+        self.upload_rate = 0
 
     @property
     def port(self) -> int:
@@ -83,9 +87,12 @@ class TcpProxy:
             while True:
                 for key, _ in selector.select(timeout=1.0):
                     source: socket.socket = key.fileobj  # type: ignore[assignment]
-                    data = source.recv(65536)
+                    throttled = source is client and self.upload_rate > 0
+                    data = source.recv(1024 if throttled else 65536)
                     if not data:
                         return
+                    if throttled:
+                        time.sleep(len(data) / self.upload_rate)
                     peers[source].sendall(data)
         except (OSError, ValueError):
             return

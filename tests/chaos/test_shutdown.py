@@ -22,6 +22,7 @@ from lipsync.models import JobStatus, SyncMode, output_duration
 from producers.devstack import free_port
 from tests.chaos.conftest import ChaosStack
 from tests.chaos.harness import Progress, Submitted, verify
+from tests.fixtures.isolated import kill_group
 
 pytestmark = pytest.mark.slow
 
@@ -133,3 +134,72 @@ def test_sigterm_lets_in_flight_transfers_finish_and_hands_the_rest_back(
     assert verdict.figures["completed"] == len(jobs)
     assert all(job.attempts.get("stage") == 1 for job in verdict.jobs), "no transfer was run twice"
     assert "Warm shutdown" in shutdown_log and "WorkerLostError" not in shutdown_log
+
+
+def test_worker_killed_mid_upload_never_reports_a_half_written_output(
+    chaos_stack: ChaosStack, small_media: Any, tmp_path: Path, chaos_figures: list[dict[str, Any]]
+) -> None:
+    """Uploads to S3 slowed to a crawl, the transfer worker killed (-9) while outputs are half sent:
+    no object appears for them, no job is completed, and the rerun stores them whole."""
+    from producers.api import LipsyncClient
+
+    stack = chaos_stack
+    stack.emulator.reset()
+    stack.emulator.configure(latency="0.5-1", retention_large=360)
+    stack.start_workers()
+    client = LipsyncClient(stack.settings())
+    (video, video_s), (audio, audio_s) = small_media["video_long"], small_media["audio_long"]
+    try:
+        jobs = [client.submit(video, audio, sync_mode=SyncMode.cut_off.value) for _ in range(6)]
+        ids = [job.id for job in jobs]
+        expected = output_duration(SyncMode.cut_off, video_s, audio_s)
+        submitted = Submitted(ids, dict.fromkeys(ids, expected), time.time())
+        early = {JobStatus.queued, JobStatus.staging, JobStatus.submitting}
+        deadline = time.monotonic() + 60
+        while any(s in early for s in client.store.statuses(ids).values()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        stack.s3_proxy.upload_rate = 3000  # bytes/s: each output takes seconds to send
+        storing_since: dict[str, float] = {}
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            now = time.monotonic()
+            for job_id, status in client.store.statuses(ids).items():
+                if status is JobStatus.storing:
+                    storing_since.setdefault(job_id, now)
+            if sum(now - since >= 1.5 for since in storing_since.values()) >= 2:
+                break
+            time.sleep(0.05)
+        transfer = stack.workers.processes.pop("transfer")
+        kill_group(transfer)
+        interrupted = [i for i, s in client.store.statuses(ids).items() if s is JobStatus.storing]
+        # A job whose store was running holds a lease; the others' messages were still queued.
+        uploading = [i for i in interrupted if client.store.raw_field(i, "lease_owner") is not None]
+        assert uploading, "the kill should land while outputs are being uploaded"
+        for job_id in interrupted:
+            assert client.storage.head(f"outputs/{job_id}.mp4") is None, "a half-sent output became visible"
+        stack.s3_proxy.upload_rate = 0
+        with Progress(client.settings.redis_url, client.settings.key_prefix, ids) as progress:
+            stack.start_workers()
+            restarted_at = time.time()
+            assert progress.wait_all(120)
+        verdict = verify(
+            client,
+            stack.emulator,
+            submitted,
+            scenario="kill -9 mid-upload",
+            allowed_failures=set(),
+            tmp_path=tmp_path,
+            extra={
+                "disruptions": 1,
+                "storing_at_kill": len(interrupted),
+                "uploads_interrupted": len(uploading),
+                "last_job_after_restart_s": round(max(progress.terminal_at.values()) - restarted_at, 1),
+                "recovery_s": progress.recovery_after(restarted_at),
+            },
+        )
+    finally:
+        stack.s3_proxy.upload_rate = 0
+        client.close()
+    chaos_figures.append(verdict.figures)
+    assert not verdict.problems, verdict.problems
+    assert verdict.figures["completed"] == len(ids)
