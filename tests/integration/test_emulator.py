@@ -447,12 +447,13 @@ def test_official_fal_client_runs_submit_status_result_cancel_subscribe_over_tls
         server.stop()
 
 
-def test_a_thousand_requests_at_zero_latency_are_all_served(media: dict[str, str]) -> None:
+def test_a_thousand_requests_at_zero_latency_are_all_served(tmp_path: Path) -> None:
+    from lipsync.samples import make_audio, make_video
+
+    video = make_video(str(tmp_path / "tiny.mp4"), 1.0, width=64, height=48)
+    audio = make_audio(str(tmp_path / "tiny.wav"), 1.0, sample_rate=8000)
     server = start_emulator("--latency", "0", "--concurrency", "1000", "--media-mode", "copy")
-    pair = {
-        "video_url": data_uri(media["video_3s"], "video/mp4"),
-        "audio_url": data_uri(media["audio_3s"], "audio/wav"),
-    }
+    pair = {"video_url": data_uri(video, "video/mp4"), "audio_url": data_uri(audio, "audio/wav")}
     try:
         with httpx.Client(base_url=server.url, headers=KEY, timeout=120,
                           limits=httpx.Limits(max_connections=32)) as http:  # fmt: skip
