@@ -42,6 +42,7 @@ NGINX_BODY = (
     "<center><h1>{code}</h1></center>\r\n<hr><center>nginx</center>\r\n</body>\r\n</html>\r\n"
 )
 LARGE_RESULT_BYTES = 10 * 1024
+DOWNLOADS_AT_ONCE = 64  # input downloads in flight; fewer than httpx's 100 pooled connections
 MODEL_ERRORS = [
     ("runner_disconnected", "The runner disconnected while processing the request"),
     ("request_timeout", "The request timed out while running"),
@@ -138,6 +139,9 @@ class Emulator:
     # lifecycle ---------------------------------------------------------------
     async def startup(self) -> None:
         self.http = httpx.AsyncClient(verify=False, timeout=httpx.Timeout(60, connect=10), follow_redirects=True)
+        # Thousands of requests starting at once must not all queue inside httpx's connection
+        # pool: its bookkeeping is quadratic in waiting requests and stalled the event loop.
+        self.downloads = asyncio.Semaphore(DOWNLOADS_AT_ONCE)
         self._tasks = [asyncio.create_task(self._scheduler()), asyncio.create_task(self._sweeper())]
 
     async def shutdown(self) -> None:
@@ -250,7 +254,7 @@ class Emulator:
             return target
         assert self.http is not None
         try:
-            async with self.http.stream("GET", url) as response:
+            async with self.downloads, self.http.stream("GET", url) as response:
                 if response.status_code != 200:
                     raise _InputError(field_name, f"Failed to download {field_name}: HTTP {response.status_code}")
                 with target.open("wb") as handle:
