@@ -48,7 +48,9 @@ def big_video(path: Path, target_bytes: int, fps: int = 25, width: int = 1280, h
     with av.open(str(gop)) as source:
         packets = [p for p in source.demux(source.streams.video[0]) if p.size]
         gop_bytes = sum(p.size for p in packets)
-        repeats = max(1, round(target_bytes / gop_bytes))
+        # At most the target (less a megabyte for the container): "2 GB" must stay within the
+        # pipeline's 2 GiB input limit, which refuses anything larger.
+        repeats = max(1, (target_bytes - 2**20) // gop_bytes)
         with av.open(str(path), "w", format="mp4") as container:
             out_stream = container.add_stream_from_template(source.streams.video[0])
             time_base = source.streams.video[0].time_base

@@ -248,7 +248,13 @@ def bigmedia(stack: BenchStack, scale: Scale, log: Log) -> dict[str, Any]:
             raw_down = time.monotonic() - started
             raw_copy.unlink(missing_ok=True)
             client.delete_object(Bucket=BUCKET, Key="bench-raw/upload.mp4")
-            run = big_job(stack, inputs, LipsyncClient)
+            try:
+                run = big_job(stack, inputs, LipsyncClient)
+            except RuntimeError as exc:  # a failed job is a result too; the other sizes still run
+                log(f"  {exc}")
+                runs.append({"error": str(exc)})
+                cleanup_outputs(stack, storage)
+                continue
             size = inputs.video_bytes
             run.update({
                 "video_bytes": size,
@@ -276,7 +282,7 @@ def bigmedia(stack: BenchStack, scale: Scale, log: Log) -> dict[str, Any]:
             "video_bytes": inputs.video_bytes,
             "seconds": seconds,
             "runs": runs,
-            **summarise(runs, keys),
+            **summarise([run for run in runs if "error" not in run], keys),
         }
         storage.delete(inputs.video_uri.split("/", 3)[3])
         for path in (video, video.with_suffix(".gop.mp4")):
