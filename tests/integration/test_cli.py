@@ -13,20 +13,9 @@ from typing import Any
 
 import pytest
 
+from tests.fixtures.cli import lipsync
+
 pytestmark = pytest.mark.usefixtures("workers")
-
-
-def lipsync(
-    env: dict[str, str], *args: str, timeout: float = 180, cwd: Path | None = None
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "producers.cli", *args],
-        env={**os.environ, **env, "COLUMNS": "200"},
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=cwd,
-    )
 
 
 def test_batch_manifest_submits_good_lines_reports_bad_ones_and_summarises(

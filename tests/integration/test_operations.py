@@ -5,10 +5,7 @@ logs carry the ids, and `lipsync dev up`/`down` leaves nothing running behind.""
 from __future__ import annotations
 
 import json
-import os
 import secrets
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,19 +17,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from lipsync.models import Job, JobStatus
 from producers.devstack import free_port, metrics_port, port_open, spawn_flower, stop_process, wait_for_port
+from tests.fixtures.cli import lipsync
 
 pytestmark = pytest.mark.usefixtures("workers")
-
-
-def lipsync(env: dict[str, str], *args: str, cwd: Path | None = None, timeout: float = 120) -> Any:
-    return subprocess.run(
-        [sys.executable, "-m", "producers.cli", *args],
-        env={**os.environ, **env, "COLUMNS": "200"},
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=cwd,
-    )
 
 
 @pytest.fixture(scope="module")
