@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -80,10 +81,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"emulator certificate: {cert}", flush=True)
     logging.basicConfig(level=options.log_level.upper())
     app = build_app(Emulator(config, faults, data_dir))
-    uvicorn.run(
-        app, host=options.host, port=options.port, log_level=options.log_level,
-        access_log=False, timeout_keep_alive=30, **ssl,  # type: ignore[arg-type]
-    )  # fmt: skip
+    try:
+        uvicorn.run(
+            app, host=options.host, port=options.port, log_level=options.log_level,
+            access_log=False, timeout_keep_alive=30, **ssl,  # type: ignore[arg-type]
+        )  # fmt: skip
+    finally:
+        if options.data_dir is None:  # a folder of our own making: outputs go with the server
+            shutil.rmtree(data_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":

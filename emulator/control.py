@@ -6,6 +6,7 @@ besides the fal protocol itself.
 
 from __future__ import annotations
 
+import shutil
 import ssl
 import subprocess
 import sys
@@ -64,8 +65,10 @@ class EmulatorProcess:
 
     # lifecycle ------------------------------------------------------------------
     def stop(self) -> None:
+        """Stop the server and remove what it served: outputs, its certificate."""
         self._admin.close()
         stop_process(self.process)
+        shutil.rmtree(self.data_dir, ignore_errors=True)
 
 
 def start_emulator(
