@@ -189,7 +189,8 @@ def chaos_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ChaosStack
         emulator.stop()
         proxy.stop()
         stop_process(moto_process)
-        stop_process(redis_process)
+        # The Redis scenario restarts the server: stop the one running now, not the first.
+        stop_process(stack.redis_process if stack is not None else redis_process)
         shutil.rmtree(redis_dir, ignore_errors=True)
 
 
