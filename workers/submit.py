@@ -8,10 +8,12 @@ job in words instead of paying twice.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import time
 
-import redis
+from redis.backoff import EqualJitterBackoff
+from redis.retry import Retry
 
 from lipsync.errors import PermanentError, RetryableError
 from lipsync.fal import SubmitOutcomeUnknown
@@ -78,25 +80,32 @@ def submit(job: Job, ctx: Context, lease: Lease) -> str | None:
     return None
 
 
+# Saving the id of a request fal already accepted rides out a Redis restart in place, for about
+# 40 s (30 tries, at most 2 s apart). This is the one wait in a task, and it waits on Redis,
+# not on fal: while Redis is down no other job can move either, and there is nowhere durable
+# to hand the id to (the broker is the same Redis). Giving up would fail a job already paid for.
+_SAVE_RETRY = Retry(EqualJitterBackoff(cap=2.0, base=0.2), retries=30)
+
+
 def save_request(job: Job, request: FalRequest, ctx: Context) -> bool:
-    """Record the request fal created, riding out a Redis restart: once fal has it, losing
-    its id would fail a paid job (a rerun finds the claim and must not POST again)."""
-    deadline = time.monotonic() + ctx.settings.poll_lease_s
-    pause = 0.2
-    while True:
-        try:
-            applied, _ = ctx.store.transition(
-                job.id,
-                JobStatus.submitted,
-                from_=HANDLES,
-                set_fields={"fal": request.model_dump(mode="json")},
-                schedule_at=time.time() + ctx.settings.poll_initial_s,
-                event=f"submitted to fal as {request.request_id}",
-            )
-            return applied
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            if time.monotonic() + pause > deadline:
-                raise
-            log.warning("job %s: saving fal request %s failed (%s); trying again", job.id, request.request_id, exc)
-            time.sleep(pause)
-            pause = min(2.0, pause * 2)
+    """Record the request fal created; True unless the job was cancelled meanwhile."""
+
+    def save() -> bool:
+        applied, _ = ctx.store.transition(
+            job.id,
+            JobStatus.submitted,
+            from_=HANDLES,
+            set_fields={"fal": request.model_dump(mode="json")},
+            schedule_at=time.time() + ctx.settings.poll_initial_s,
+            event=f"submitted to fal as {request.request_id}",
+        )
+        if applied:
+            return True
+        # A try whose answer was lost may have saved it already: then the job holds our id.
+        saved = ctx.store.raw_field(job.id, "fal")
+        return saved is not None and json.loads(saved).get("request_id") == request.request_id
+
+    def failed(exc: Exception) -> None:
+        log.warning("job %s: saving fal request %s failed (%s); trying again", job.id, request.request_id, exc)
+
+    return _SAVE_RETRY.call_with_retry(save, failed)
