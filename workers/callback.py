@@ -72,34 +72,18 @@ def deliver(job_id: str, ctx: Context) -> bool:
         delivered, outcome, give_up = False, exc.message, True
     except RetryableError as exc:
         delivered, outcome = False, exc.message
-    if delivered:
+    if delivered or give_up:
         store.redis.zrem(store.callbacks_key, job_id)
-        store.transition(
-            job_id,
-            None,
-            set_fields=progress,
-            incr={"attempts:callback": 1},
-            event=f"callback {attempt} delivered: {outcome}",
+        event = (
+            f"callback {attempt} delivered: {outcome}"
+            if delivered
+            else f"callback {attempt} failed: {outcome}; given up"
         )
-        return True
-    if give_up:
-        store.redis.zrem(store.callbacks_key, job_id)
-        log.warning("job %s: callback given up after %d attempts: %s", job_id, attempt, outcome)
-        store.transition(
-            job_id,
-            None,
-            set_fields=progress,
-            incr={"attempts:callback": 1},
-            event=f"callback {attempt} failed: {outcome}; given up",
-        )
-        return False
-    wait = backoff(attempt, settings.callback_retry_base_s, settings.callback_retry_max_s)
-    store.redis.zadd(store.callbacks_key, {job_id: time.time() + wait})
-    store.transition(
-        job_id,
-        None,
-        set_fields=progress,
-        incr={"attempts:callback": 1},
-        event=f"callback {attempt} failed: {outcome}; next in {wait:.1f}s",
-    )
-    return False
+        if not delivered:
+            log.warning("job %s: callback given up after %d attempts: %s", job_id, attempt, outcome)
+    else:
+        wait = backoff(attempt, settings.callback_retry_base_s, settings.callback_retry_max_s)
+        store.redis.zadd(store.callbacks_key, {job_id: time.time() + wait})
+        event = f"callback {attempt} failed: {outcome}; next in {wait:.1f}s"
+    store.transition(job_id, None, set_fields=progress, incr={"attempts:callback": 1}, event=event)
+    return delivered
