@@ -222,6 +222,9 @@ class FalRequest(BaseModel):
     """The one fal request a job may have; saved the moment submit returns."""
 
     request_id: str
+    # fal's id of the request's latest try: the same as request_id unless fal retried it on
+    # another runner (docs: model-endpoints/webhooks). Support tickets quote it.
+    gateway_request_id: str | None = None
     status_url: str
     response_url: str
     cancel_url: str
