@@ -99,7 +99,8 @@ def main(ctx: click.Context) -> None:
 @main.command()
 @click.option("--video", required=True, help="https URL, s3://bucket/key, local file or data: URI")
 @click.option("--audio", required=True, help="https URL, s3://bucket/key, local file or data: URI")
-@click.option("--sync-mode", type=click.Choice(["cut_off", "loop", "bounce", "silence", "remap"]))
+# Checked by the request model with everything else, so a wrong value is one line, like any other.
+@click.option("--sync-mode", help="cut_off (default), loop, bounce, silence or remap")
 @click.option("--options", "options_json", help='sync-3 options as JSON, e.g. \'{"model_mode": "lips"}\'')
 @click.option("--idempotency-key", help="the same key returns the same job")
 @click.option("--metadata", "metadata_json", help="your own ids as a JSON object, echoed back")
@@ -224,6 +225,8 @@ def summary_table(jobs: Sequence[Job]) -> Table:
             f"${job.cost_estimate_usd:.3f}" if job.cost_estimate_usd is not None else "",
             detail,
         )
+    priced = [job.cost_estimate_usd for job in jobs if job.cost_estimate_usd is not None]
+    table.caption = f"estimated cost ${sum(priced):.2f} for {len(priced)} of {len(jobs)} jobs priced"
     return table
 
 
@@ -457,7 +460,10 @@ def stats(minutes: float, as_json: bool) -> None:
     """Throughput, latency percentiles, failures by cause and spend over the last N minutes."""
     from producers.stats import compute_stats, render_stats
 
-    summary = compute_stats(_client().store, minutes)
+    client = _client()
+    summary = compute_stats(
+        client.store, minutes, price_per_output_second_usd=client.settings.price_per_output_second_usd
+    )
     if as_json:
         out.print_json(json.dumps(summary.as_dict()))
     else:

@@ -96,6 +96,9 @@ class FalWebhookDelivery(BaseModel):
     gateway_request_id: str | None = None
     status: Literal["OK", "ERROR"]
     payload: Any | None = None
+    # Set, with `payload` null, when fal could not serialize the result (docs: webhooks, "Payload
+    # errors"); the result is then fetched from the queue as a poll would.
+    payload_error: str | None = None
     error: str | None = None
 
 
