@@ -6,6 +6,7 @@ Defaults run against local services; secrets are `SecretStr` so they never print
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Literal
 
 from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -104,8 +105,9 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
 
     # fal's platform headers, sent with every submit (lipsync/fal.py says what each costs or saves).
-    # Queue priority: "normal" or "low" (fal-client's _headers.py `Priority`); "" sends none.
-    fal_queue_priority: str = ""
+    # Queue priority for jobs that name none: "normal" or "low" (fal-client's _headers.py
+    # `Priority`); unset sends no header (fal's default, normal).
+    fal_queue_priority: Literal["normal", "low"] | None = None
     # X-Fal-Request-Timeout: seconds a request may wait at fal before a runner starts it; fal then
     # answers 504 and nothing is billed. 0 sends none (fal's default: no timeout).
     fal_start_timeout_s: float = 0.0

@@ -12,14 +12,14 @@ import json
 import time
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Any
 
 import httpx
 from pydantic import SecretStr
 
 from config.settings import Settings
 from lipsync.errors import FalError, InvalidInput, PermanentError, RetryableError
-from lipsync.models import FalLog, FalRequest
+from lipsync.models import FalLog, FalPriority, FalRequest
 
 # Statuses that say "try again" without anything having happened (RETRY_CODES in fal-client).
 _RETRY_STATUS = frozenset({408, 409, 429})
@@ -32,7 +32,6 @@ MARKER_HEADER = "X-Lipsync-Job-Id"
 # Queue priority, "normal" or "low": a low request waits behind every normal one on the endpoint's
 # queue, which all of fal's users share. It costs waiting time; fal lists no price difference.
 QUEUE_PRIORITY_HEADER = "X-Fal-Queue-Priority"
-QueuePriority = Literal["normal", "low"]
 # Seconds a request may wait for a runner to start it (queue, runner acquisition, retries). Past
 # it fal answers 504 with X-Fal-Request-Timeout-Type: user and nothing ran, so nothing is billed;
 # it never limits the run itself. fal's docs name this header; fal-client's newest _headers.py
@@ -50,18 +49,16 @@ OBJECT_LIFECYCLE_HEADER = "X-Fal-Object-Lifecycle-Preference"
 class FalHeaders:
     """The platform headers every submit carries, from settings; a job may override priority/timeout."""
 
-    queue_priority: QueuePriority | None = None
+    queue_priority: FalPriority | None = None
     start_timeout_s: float | None = None
     store_io: bool = False
     output_lifecycle_s: int | None = None
 
-    def render(self, *, priority: QueuePriority | None = None, start_timeout_s: float | None = None) -> dict[str, str]:
+    def render(self, *, priority: FalPriority | None = None, start_timeout_s: float | None = None) -> dict[str, str]:
         headers: dict[str, str] = {}
         chosen_priority = priority or self.queue_priority
         if chosen_priority is not None:
-            if chosen_priority not in ("normal", "low"):
-                raise ValueError(f"queue priority is normal or low, not {chosen_priority!r}")
-            headers[QUEUE_PRIORITY_HEADER] = chosen_priority
+            headers[QUEUE_PRIORITY_HEADER] = chosen_priority.value
         timeout = start_timeout_s if start_timeout_s is not None else self.start_timeout_s
         if timeout:
             headers[REQUEST_TIMEOUT_HEADER] = f"{timeout:g}"
@@ -166,16 +163,13 @@ class FalQueueClient:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> FalQueueClient:
-        priority = settings.fal_queue_priority or None
-        if priority not in (None, "normal", "low"):
-            raise ValueError(f"LIPSYNC_FAL_QUEUE_PRIORITY is normal or low, not {priority!r}")
         return cls(
             queue_url=settings.fal_queue_url,
             app=settings.fal_app,
             key=settings.fal_key,
             timeout_s=settings.http_timeout_s,
             platform_headers=FalHeaders(
-                queue_priority=priority,  # type: ignore[arg-type]  # checked just above
+                queue_priority=FalPriority(settings.fal_queue_priority) if settings.fal_queue_priority else None,
                 start_timeout_s=settings.fal_start_timeout_s or None,
                 store_io=settings.fal_store_io,
                 output_lifecycle_s=settings.fal_output_lifecycle_s or None,
@@ -196,7 +190,7 @@ class FalQueueClient:
         *,
         marker: str,
         webhook_url: str | None = None,
-        priority: QueuePriority | None = None,
+        priority: FalPriority | None = None,
         start_timeout_s: float | None = None,
     ) -> FalRequest:
         params = {"fal_webhook": webhook_url} if webhook_url else None

@@ -163,6 +163,13 @@ def estimate_cost_usd(
     return round(output_duration(sync_mode, video_s, audio_s) * price_per_second_usd, 4)
 
 
+class FalPriority(StrEnum):
+    """fal's queue priority (`X-Fal-Queue-Priority`, fal-client's `Priority`): normal or low."""
+
+    normal = "normal"
+    low = "low"
+
+
 class JobStatus(StrEnum):
     queued = "queued"
     staging = "staging"
@@ -251,6 +258,8 @@ class Job(BaseModel):
     # Set by the HTTP gateway: who owns the job, and where to POST it when it ends.
     tenant: str | None = None
     callback_url: str | None = None
+    # Sent as X-Fal-Queue-Priority; None = the `fal_queue_priority` setting.
+    fal_priority: FalPriority | None = None
     inputs: dict[str, MediaInfo] = Field(default_factory=dict)
     fal: FalRequest | None = None
     logs: list[FalLog] = Field(default_factory=list)

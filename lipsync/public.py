@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
-from lipsync.models import Job, JobError, JobOutput, JobStatus, LipsyncInput
+from lipsync.models import FalPriority, Job, JobError, JobOutput, JobStatus, LipsyncInput
 
 
 class FalOutputFile(BaseModel):
@@ -30,6 +30,7 @@ class PublicJob(BaseModel):
     batch_id: str | None = None
     metadata: dict[str, str] = Field(default_factory=dict)
     callback_url: str | None = None
+    fal_priority: FalPriority | None = None
     fal_request_id: str | None = None
     fal_gateway_request_id: str | None = Field(
         default=None, description="fal's id of the request's latest try; quote it to fal's support"
@@ -63,6 +64,7 @@ def public_job(job: Job) -> PublicJob:
         batch_id=job.batch_id,
         metadata=job.metadata,
         callback_url=job.callback_url,
+        fal_priority=job.fal_priority,
         fal_request_id=job.fal.request_id if job.fal else None,
         fal_gateway_request_id=job.fal.gateway_request_id if job.fal else None,
         fal_output=(

@@ -16,7 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from lipsync.errors import LipsyncError
-from lipsync.models import Job, JobStatus
+from lipsync.models import FalPriority, Job, JobStatus
 
 console = Console(stderr=True)
 out = Console()
@@ -104,6 +104,7 @@ def main(ctx: click.Context) -> None:
 @click.option("--options", "options_json", help='sync-3 options as JSON, e.g. \'{"model_mode": "lips"}\'')
 @click.option("--idempotency-key", help="the same key returns the same job")
 @click.option("--metadata", "metadata_json", help="your own ids as a JSON object, echoed back")
+@click.option("--low-priority", is_flag=True, help="X-Fal-Queue-Priority: low (waits behind normal requests)")
 @click.option("--wait", is_flag=True, help="wait until the job ends")
 @click.option("--timeout", type=float, default=None, help="with --wait: give up after this many seconds")
 @click.option("--json", "as_json", is_flag=True, help="print the job record as JSON")
@@ -115,6 +116,7 @@ def submit(
     options_json: str | None,
     idempotency_key: str | None,
     metadata_json: str | None,
+    low_priority: bool,
     wait: bool,
     timeout: float | None,
     as_json: bool,
@@ -130,6 +132,7 @@ def submit(
         options=options,
         idempotency_key=idempotency_key,
         metadata={str(k): str(v) for k, v in (metadata or {}).items()},
+        fal_priority=FalPriority.low if low_priority else None,
     )
     if not wait:
         if as_json:

@@ -62,22 +62,26 @@ def test_every_published_value_is_accepted_and_reaches_fal_unchanged(
     assert covered == {"sync_mode": set(SYNC_MODES), "options.sync_mode": set(SYNC_MODES),
                        "model_mode": set(MODEL_MODES), "prompt": set(EMOTIONS)}  # fmt: skip
     job_ids = []
-    for sync_mode, options in sent:
+    for n, (sync_mode, options) in enumerate(sent):
         submitted = lipsync(
             stack_env, "submit", "--video", media["video_3s"], "--audio", media["audio_3s"],
-            "--sync-mode", sync_mode, "--options", json.dumps(options),
+            "--sync-mode", sync_mode, "--options", json.dumps(options), *(["--low-priority"] if n == 1 else []),
         )  # fmt: skip
         assert submitted.returncode == 0, submitted.stderr
         job_ids.append(submitted.stdout.strip())
     waited = lipsync(stack_env, "wait", *job_ids, "--json", "--timeout", "150")
     assert waited.returncode == 0, waited.stdout + waited.stderr
     records = {record["id"]: record for record in map(json.loads, waited.stdout.splitlines())}
-    for job_id, (sync_mode, options) in zip(job_ids, sent, strict=True):
+    for n, (job_id, (sync_mode, options)) in enumerate(zip(job_ids, sent, strict=True)):
         record = records[job_id]
         assert record["status"] == "completed", record["error"]
-        arguments = emulator.inspect(record["fal"]["request_id"])["arguments"]
-        assert arguments["sync_mode"] == sync_mode
-        assert arguments["options"] == options, "fal received exactly what the user gave"
+        at_fal = emulator.inspect(record["fal"]["request_id"])
+        assert at_fal["arguments"]["sync_mode"] == sync_mode
+        assert at_fal["arguments"]["options"] == options, "fal received exactly what the user gave"
+        # fal's platform headers: per job (priority) and by setting (payloads not kept, output kept a day)
+        assert at_fal["priority"] == ("low" if n == 1 else "normal")
+        assert at_fal["store_io"] is False and at_fal["cdn_ttl"] == 24 * 3600
+        assert record["fal_priority"] == ("low" if n == 1 else None)
         assert record["cost_estimate_usd"] == pytest.approx(3 * 8 / 60, abs=0.01)
 
     shown = lipsync(stack_env, "status", job_ids[0])

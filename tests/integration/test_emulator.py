@@ -34,7 +34,7 @@ from emulator.control import EmulatorProcess, start_emulator
 from emulator.webhooks import retry_gaps
 from lipsync.errors import RetryableError
 from lipsync.fal import FalHeaders, FalQueueClient
-from lipsync.models import SyncMode, output_duration
+from lipsync.models import FalPriority, SyncMode, output_duration
 from lipsync.probe import probe
 from producers.devstack import free_port, wait_for_port
 
@@ -523,7 +523,7 @@ def test_platform_headers_are_sent_and_honoured(
     emulator.configure(latency="2", concurrency=1)
     try:
         running = client.submit(pair, marker="hdr-running")
-        low = client.submit(pair, marker="hdr-low", priority="low")
+        low = client.submit(pair, marker="hdr-low", priority=FalPriority.low)
         normal = client.submit(pair, marker="hdr-normal")
         assert normal.queue_position == 0, "a normal request goes ahead of a waiting low one"
         record = emulator.inspect(low.request_id)
