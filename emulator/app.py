@@ -11,6 +11,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import itertools
 import json
 import os
 import random
@@ -20,7 +21,7 @@ import time
 import urllib.parse
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -127,6 +128,46 @@ class FalRequest:
         self.logs.append({"message": message, "level": level, "source": "user", "timestamp": stamp})
 
 
+class WaitingLine:
+    """fal's queue: FIFO per priority, every normal request ahead of every low one."""
+
+    def __init__(self) -> None:
+        self.normal: deque[str] = deque()
+        self.low: deque[str] = deque()
+
+    def append(self, request_id: str, low: bool = False) -> int:
+        """Add at the back of its priority; returns its 0-based position in the line."""
+        (self.low if low else self.normal).append(request_id)
+        return len(self) - 1 if low else len(self.normal) - 1
+
+    def popleft(self) -> str:
+        return self.normal.popleft() if self.normal else self.low.popleft()
+
+    def remove(self, request_id: str) -> None:
+        if request_id in self.normal:
+            self.normal.remove(request_id)
+        else:
+            self.low.remove(request_id)
+
+    def index(self, request_id: str) -> int:
+        if request_id in self.normal:
+            return self.normal.index(request_id)
+        return len(self.normal) + self.low.index(request_id)
+
+    def clear(self) -> None:
+        self.normal.clear()
+        self.low.clear()
+
+    def __contains__(self, request_id: object) -> bool:
+        return request_id in self.normal or request_id in self.low
+
+    def __iter__(self) -> Iterator[str]:
+        return itertools.chain(self.normal, self.low)
+
+    def __len__(self) -> int:
+        return len(self.normal) + len(self.low)
+
+
 class Emulator:
     def __init__(self, config: Config, faults: Faults, data_dir: Path) -> None:
         self.config = config
@@ -134,7 +175,7 @@ class Emulator:
         self.data_dir = data_dir
         self.signer = WebhookSigner()
         self.requests: dict[str, FalRequest] = {}
-        self.waiting: deque[str] = deque()
+        self.waiting = WaitingLine()
         self.running = 0
         self.wakeup = asyncio.Event()
         self.http: httpx.AsyncClient | None = None
@@ -275,17 +316,8 @@ class Emulator:
             raise _InputError(field_name, f"Failed to download {field_name}: {type(exc).__name__}") from None
         return target
 
-    def enqueue(self, found: FalRequest) -> None:
-        """fal's queue is FIFO per priority: a normal request goes ahead of every waiting low one."""
-        if found.priority == "low":
-            self.waiting.append(found.id)
-            return
-        for at, waiting_id in enumerate(self.waiting):
-            other = self.requests.get(waiting_id)
-            if other is not None and other.priority == "low":
-                self.waiting.insert(at, found.id)
-                return
-        self.waiting.append(found.id)
+    def enqueue(self, found: FalRequest) -> int:
+        return self.waiting.append(found.id, low=found.priority == "low")
 
     def keep_result_s(self, found: FalRequest) -> float:
         large = found.result_bytes >= LARGE_RESULT_BYTES
@@ -474,7 +506,7 @@ def build_app(emulator: Emulator) -> Starlette:
         if found.marker:
             by_marker = emulator.counters["by_marker"]
             by_marker[found.marker] = by_marker.get(found.marker, 0) + 1
-        emulator.enqueue(found)
+        position = emulator.enqueue(found)
         emulator.wakeup.set()
         if emulator.faults.fire("drop_submit"):
             return _DroppedAnswer()
@@ -482,7 +514,7 @@ def build_app(emulator: Emulator) -> Starlette:
         # fal retried the request on another runner) next to the URLs.
         body = {
             "status": "IN_QUEUE", "request_id": found.id, "gateway_request_id": found.id, **found.urls(),
-            "queue_position": emulator.waiting.index(found.id) if found.id in emulator.waiting else 0,
+            "queue_position": position,
         }  # fmt: skip
         return _fal_json(body, 200, request_id=found.id)
 
