@@ -33,7 +33,7 @@ from starlette.routing import Route
 from emulator.control import EmulatorProcess, start_emulator
 from emulator.webhooks import retry_gaps
 from lipsync.errors import RetryableError
-from lipsync.fal import FalHeaders, FalQueueClient
+from lipsync.fal import FalHeaders, FalQueueClient, SubmitOutcomeUnknown
 from lipsync.models import FalPriority, SyncMode, output_duration
 from lipsync.probe import probe
 from producers.devstack import free_port, wait_for_port
@@ -554,6 +554,11 @@ def test_submit_moves_to_the_fallback_host_only_when_the_first_cannot_be_reached
     request = fal_client(dead, fallback=emulator.url).submit(pair, marker="fallback")
     assert request.status_url.startswith(emulator.url) and request.gateway_request_id == request.request_id
     assert emulator.counters()["created"] == created + 1
+    # An answer lost after the POST reached fal may have created a request: never sent again elsewhere.
+    emulator.set_faults(drop_submit="once")
+    with pytest.raises(SubmitOutcomeUnknown):
+        fal_client(emulator.url, fallback=emulator.url.replace("127.0.0.1", "localhost")).submit(pair, marker="lost")
+    assert emulator.counters()["by_marker"]["lost"] == 1
 
 
 # the published schema, strictly -----------------------------------------------------------------

@@ -86,3 +86,10 @@ def test_sync3_ignores_temperature_so_no_range_of_ours_refuses_it() -> None:
     """The page states no range (the old 0..1 was lipsync-2's); fal decides, not us."""
     for temperature in (0, 0.5, 1.5):
         LipsyncInput.model_validate({**URLS, "options": {"temperature": temperature}})
+
+
+def test_the_price_is_a_setting_defaulting_to_fals_list_price() -> None:
+    from config.settings import Settings
+
+    assert Settings().price_per_output_second_usd == pytest.approx(0.1333, abs=1e-4)  # $8 a minute
+    assert estimate_cost_usd(SyncMode.loop, 10, 60, price_per_second_usd=0.05) == pytest.approx(3.0)
