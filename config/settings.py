@@ -6,6 +6,7 @@ Defaults run against local services; secrets are `SecretStr` so they never print
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Literal
 
 from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -102,6 +103,26 @@ class Settings(BaseSettings):
     # Logs: one line per event; JSON for log shippers.
     log_json: bool = False
     log_level: str = "INFO"
+
+    # fal's platform headers, sent with every submit (lipsync/fal.py says what each costs or saves).
+    # Queue priority for jobs that name none: "normal" or "low" (fal-client's _headers.py
+    # `Priority`); unset sends no header (fal's default, normal).
+    fal_queue_priority: Literal["normal", "low"] | None = None
+    # X-Fal-Request-Timeout: seconds a request may wait at fal before a runner starts it; fal then
+    # answers 504 and nothing is billed. 0 sends none (fal's default: no timeout).
+    fal_start_timeout_s: float = 0.0
+    # X-Fal-Store-IO: 0 by default. Otherwise fal keeps each request's JSON payloads for 30 days,
+    # and ours carry presigned URLs of the inputs (credentials for as long as they are valid).
+    fal_store_io: bool = False
+    # X-Fal-Object-Lifecycle-Preference: how long fal keeps its CDN copy of the output. We copy it
+    # to S3 within minutes, so a day is plenty; 0 sends none (fal's default retention applies).
+    fal_output_lifecycle_s: int = 24 * 3600
+    # A second queue host tried only when the first cannot be connected to (nothing reached fal,
+    # so a second POST cannot pay twice). Empty = none: fal's documentation names no such host.
+    fal_fallback_queue_url: str = ""
+
+    # fal's list price for sync-3 per second of output ($8 a minute on the model's page).
+    price_per_output_second_usd: float = 8.0 / 60.0
 
     def allowed_private_hosts(self) -> frozenset[str]:
         return frozenset(host.strip().lower() for host in self.allow_private_urls.split(",") if host.strip())

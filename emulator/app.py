@@ -1,7 +1,8 @@
 """The emulator's HTTP side: fal's queue protocol, a CDN for outputs, and an admin API.
 
-Routes are parsed by hand (not by Starlette patterns) because fal accepts both the short
-`/{owner}/{alias}/requests/{id}` and the full-path forms with the app's sub-path in between.
+Routes are parsed by hand (not by Starlette patterns): a submit goes to the app's full path
+(`/fal-ai/sync-lipsync/v3`), while status, result and cancel live only under owner/alias
+(`/fal-ai/sync-lipsync/requests/{id}`), as on fal's queue; any other path is fal's 404.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import itertools
 import json
 import os
 import random
@@ -19,13 +21,12 @@ import time
 import urllib.parse
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
-from pydantic import ValidationError
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
@@ -34,14 +35,18 @@ from starlette.types import Receive, Scope, Send
 
 from emulator import media
 from emulator.faults import Faults
+from emulator.schema import InputRefused, validate
 from emulator.webhooks import WebhookSigner, deliver
-from lipsync.models import LipsyncInput
 
 NGINX_BODY = (
     "<html>\r\n<head><title>{code} Bad Gateway</title></head>\r\n<body>\r\n"
     "<center><h1>{code}</h1></center>\r\n<hr><center>nginx</center>\r\n</body>\r\n</html>\r\n"
 )
+# fal keeps a result 1 hour, and only 6 minutes when its JSON is 10 KB or larger: the rule is
+# about the result document fal stores, not the media its URLs point to.
 LARGE_RESULT_BYTES = 10 * 1024
+# The apps this emulator serves (owner/alias) and the sub-paths a submit may name.
+SERVED_APPS = {"fal-ai/sync-lipsync": frozenset({"v3"})}
 DOWNLOADS_AT_ONCE = 64  # input downloads in flight; fewer than httpx's 100 pooled connections
 MODEL_ERRORS = [
     ("runner_disconnected", "The runner disconnected while processing the request"),
@@ -60,6 +65,8 @@ class Config:
     cdn_ttl: float = 3600.0
     keys: frozenset[str] = frozenset()
     hang_seconds: float = 60.0
+    # fal retries a webhook "10 times in the span of 2 hours"; tests shrink that span with a scale.
+    webhook_time_scale: float = 1.0
 
     def update(self, values: dict[str, Any]) -> None:
         for name, value in values.items():
@@ -73,7 +80,7 @@ class Config:
                 if value not in ("encode", "copy"):
                     raise ValueError("media_mode is encode or copy")
                 self.media_mode = str(value)
-            elif name in ("retention", "retention_large", "cdn_ttl", "hang_seconds"):
+            elif name in ("retention", "retention_large", "cdn_ttl", "hang_seconds", "webhook_time_scale"):
                 setattr(self, name, float(value))
             else:
                 raise ValueError(f"unknown setting {name!r}")
@@ -93,13 +100,17 @@ class FalRequest:
     marker: str | None
     webhook: str | None
     start_timeout: float | None
+    headers: dict[str, str] = field(default_factory=dict)  # fal's platform headers, as received
     created: float = field(default_factory=time.time)
     status: str = "IN_QUEUE"
     logs: list[dict[str, Any]] = field(default_factory=list)
     started: float | None = None
     finished: float | None = None
     output: dict[str, Any] | None = None
-    output_size: int = 0
+    priority: str = "normal"  # X-Fal-Queue-Priority: a low request waits behind every normal one
+    cdn_ttl: float | None = None  # X-Fal-Object-Lifecycle-Preference: how long the output is served
+    store_io: bool = True  # X-Fal-Store-IO: 0 = fal keeps no copy of the payloads (recorded only)
+    result_bytes: int = 0  # size of the JSON result document: what the retention rule measures
     error: str | None = None
     error_type: str | None = None
     error_status: int = 500
@@ -117,6 +128,46 @@ class FalRequest:
         self.logs.append({"message": message, "level": level, "source": "user", "timestamp": stamp})
 
 
+class WaitingLine:
+    """fal's queue: FIFO per priority, every normal request ahead of every low one."""
+
+    def __init__(self) -> None:
+        self.normal: deque[str] = deque()
+        self.low: deque[str] = deque()
+
+    def append(self, request_id: str, low: bool = False) -> int:
+        """Add at the back of its priority; returns its 0-based position in the line."""
+        (self.low if low else self.normal).append(request_id)
+        return len(self) - 1 if low else len(self.normal) - 1
+
+    def popleft(self) -> str:
+        return self.normal.popleft() if self.normal else self.low.popleft()
+
+    def remove(self, request_id: str) -> None:
+        if request_id in self.normal:
+            self.normal.remove(request_id)
+        else:
+            self.low.remove(request_id)
+
+    def index(self, request_id: str) -> int:
+        if request_id in self.normal:
+            return self.normal.index(request_id)
+        return len(self.normal) + self.low.index(request_id)
+
+    def clear(self) -> None:
+        self.normal.clear()
+        self.low.clear()
+
+    def __contains__(self, request_id: object) -> bool:
+        return request_id in self.normal or request_id in self.low
+
+    def __iter__(self) -> Iterator[str]:
+        return itertools.chain(self.normal, self.low)
+
+    def __len__(self) -> int:
+        return len(self.normal) + len(self.low)
+
+
 class Emulator:
     def __init__(self, config: Config, faults: Faults, data_dir: Path) -> None:
         self.config = config
@@ -124,7 +175,7 @@ class Emulator:
         self.data_dir = data_dir
         self.signer = WebhookSigner()
         self.requests: dict[str, FalRequest] = {}
-        self.waiting: deque[str] = deque()
+        self.waiting = WaitingLine()
         self.running = 0
         self.wakeup = asyncio.Event()
         self.http: httpx.AsyncClient | None = None
@@ -133,7 +184,8 @@ class Emulator:
     def reset_counters(self) -> None:
         self.counters: dict[str, Any] = {
             "submits": 0, "created": 0, "status_polls": 0, "results": 0, "cancels": 0,
-            "completed": 0, "failed": 0, "webhooks": 0, "by_marker": {},
+            "completed": 0, "failed": 0, "webhooks": 0, "webhook_attempts": 0,
+            "webhooks_ended": 0, "by_marker": {},
         }  # fmt: skip
 
     # lifecycle ---------------------------------------------------------------
@@ -180,10 +232,9 @@ class Emulator:
             for request_id, found in list(self.requests.items()):
                 if found.finished is None:
                     continue
-                keep = self.config.retention_large if found.output_size >= LARGE_RESULT_BYTES else self.config.retention
-                if now - found.finished > keep:
+                if now - found.finished > self.keep_result_s(found):
                     self.requests.pop(request_id, None)
-                if now - found.finished > self.config.cdn_ttl:
+                if now - found.finished > (found.cdn_ttl if found.cdn_ttl is not None else self.config.cdn_ttl):
                     shutil.rmtree(self.data_dir / request_id, ignore_errors=True)
 
     # one request's work --------------------------------------------------------
@@ -195,7 +246,7 @@ class Emulator:
             found.log("Downloading inputs")
             video = await self._download(found.arguments["video_url"], folder / "video.in", "video_url")
             audio = await self._download(found.arguments["audio_url"], folder / "audio.in", "audio_url")
-            request = LipsyncInput.model_validate(found.arguments)
+            request = validate(found.arguments)
             mode = request.effective_sync_mode
             found.log(f"Running sync-3 (sync_mode={mode.value})")
             await asyncio.sleep(random.uniform(low, high))
@@ -206,7 +257,7 @@ class Emulator:
                 media.process, str(video), str(audio), mode, str(folder / name), self.config.media_mode
             )
             found.log(f"Encoded {duration:.2f} s of video")
-            if "model_error" in found.inject:
+            if found.inject & {"model_error", "error_on_result_only"}:
                 kind, message = random.choice(MODEL_ERRORS)
                 self._fail(found, kind, message, 500)
             elif "validation_after" in found.inject:
@@ -221,7 +272,8 @@ class Emulator:
                         "file_name": name, "file_size": size,
                     }
                 }  # fmt: skip
-                found.output_size = size
+                if "wrong_file_size" in found.inject:  # fal's File says one size, the CDN serves another
+                    found.output["video"]["file_size"] = size + 1
                 self._finish(found)
             for leftover in ("video.in", "audio.in"):
                 (folder / leftover).unlink(missing_ok=True)
@@ -264,7 +316,15 @@ class Emulator:
             raise _InputError(field_name, f"Failed to download {field_name}: {type(exc).__name__}") from None
         return target
 
+    def enqueue(self, found: FalRequest) -> int:
+        return self.waiting.append(found.id, low=found.priority == "low")
+
+    def keep_result_s(self, found: FalRequest) -> float:
+        large = found.result_bytes >= LARGE_RESULT_BYTES
+        return self.config.retention_large if large else self.config.retention
+
     def _finish(self, found: FalRequest) -> None:
+        found.result_bytes = len(json.dumps(found.output).encode())
         found.status, found.finished = "COMPLETED", time.time()
         self.counters["completed"] += 1
         self._notify(found)
@@ -272,6 +332,7 @@ class Emulator:
     def _fail(self, found: FalRequest, kind: str, message: str, status: int, body: Any = None) -> None:
         found.error, found.error_type, found.error_status = message, kind, status
         found.error_body = body if body is not None else {"detail": message}
+        found.result_bytes = len(json.dumps(found.error_body).encode())
         found.status, found.finished = "COMPLETED", time.time()
         self.counters["failed"] += 1
         self._notify(found)
@@ -279,14 +340,32 @@ class Emulator:
     def _notify(self, found: FalRequest) -> None:
         if not found.webhook or self.http is None:
             return
-        payload = {
+        payload: dict[str, Any] = {
             "request_id": found.id, "gateway_request_id": found.id,
             "status": "ERROR" if found.error else "OK",
             "payload": found.error_body if found.error else found.output,
             "error": found.error,
         }  # fmt: skip
+        if "webhook_payload_error" in found.inject:
+            # fal: "if there is an error serializing it, payload is set to null and a payload_error
+            # will include details about the error" (docs: model-endpoints/webhooks).
+            payload["payload"] = None
+            payload["payload_error"] = "Payload could not be serialized as JSON"
         self.counters["webhooks"] += 1
-        asyncio.create_task(deliver(self.http, self.signer, found.webhook, payload))
+        asyncio.create_task(self._deliver(found.webhook, payload))
+
+    async def _deliver(self, url: str, payload: dict[str, Any]) -> None:
+        assert self.http is not None
+        try:
+            await deliver(
+                self.http, self.signer, url, payload, time_scale=self.config.webhook_time_scale,
+                on_attempt=self._webhook_attempted,
+            )  # fmt: skip
+        finally:
+            self.counters["webhooks_ended"] += 1
+
+    def _webhook_attempted(self) -> None:
+        self.counters["webhook_attempts"] += 1
 
     # views -----------------------------------------------------------------------
     def status_body(self, found: FalRequest, with_logs: bool) -> dict[str, Any]:
@@ -301,7 +380,8 @@ class Emulator:
         if found.status == "COMPLETED":
             started = found.started or found.finished or 0.0
             body["metrics"] = {"inference_time": round((found.finished or 0) - started, 3)}
-            if found.error:
+            # A model error may show only on the result fetch, as live fal does for some.
+            if found.error and "error_on_result_only" not in found.inject:
                 body["error"], body["error_type"] = found.error, found.error_type
         return body
 
@@ -322,11 +402,23 @@ def _fal_json(
     return JSONResponse(body, status_code=status, headers=extra)
 
 
-def _validation_detail(exc: ValidationError) -> list[dict[str, Any]]:
-    return [
-        {"loc": ["body", *[str(p) for p in error["loc"]]], "msg": error["msg"], "type": error["type"]}
-        for error in exc.errors()
-    ]
+def apply_platform_headers(found: FalRequest, headers: Any) -> None:
+    """fal's platform headers as fal's docs describe them ("Platform Headers"); ValueError if malformed."""
+    priority = headers.get("x-fal-queue-priority")
+    if priority is not None:
+        if priority not in ("normal", "low"):
+            raise ValueError(f"X-Fal-Queue-Priority must be normal or low, not {priority!r}")
+        found.priority = priority
+    lifecycle = headers.get("x-fal-object-lifecycle-preference")
+    if lifecycle is not None:
+        try:
+            seconds = json.loads(lifecycle)["expiration_duration_seconds"]
+        except (ValueError, TypeError, KeyError):
+            raise ValueError(
+                'X-Fal-Object-Lifecycle-Preference must be JSON like {"expiration_duration_seconds": 3600}'
+            ) from None
+        found.cdn_ttl = None if seconds is None else float(seconds)
+    found.store_io = headers.get("x-fal-store-io", "1") != "0"
 
 
 def build_app(emulator: Emulator) -> Starlette:
@@ -359,18 +451,19 @@ def build_app(emulator: Emulator) -> Starlette:
 
     async def queue(request: Request) -> Response:
         parts = [p for p in request.url.path.split("/") if p]
-        if len(parts) < 2:
+        app_id = "/".join(parts[:2])
+        if len(parts) < 2 or app_id not in SERVED_APPS:
             return _fal_json({"detail": "Not found"}, 404)
         denied = authorised(request)
         if denied is not None:
             return denied
-        app_id = f"{parts[0]}/{parts[1]}"
-        if "requests" in parts[2:]:
-            at = parts.index("requests", 2)
-            tail = parts[at + 1 :]
+        if parts[2:3] == ["requests"]:  # status, result and cancel: owner/alias only, never the sub-path
+            tail = parts[3:]
             if not tail:
                 return _fal_json({"detail": "Not found"}, 404)
-            return await request_route(request, tail[0], tail[1:])
+            return await request_route(request, app_id, tail[0], tail[1:])
+        if "/".join(parts[2:]) not in SERVED_APPS[app_id]:
+            return _fal_json({"detail": "Not found"}, 404)
         if request.method != "POST":
             return _fal_json({"detail": "Method not allowed"}, 405)
         return await submit(request, app_id)
@@ -385,20 +478,27 @@ def build_app(emulator: Emulator) -> Starlette:
         except ValueError:
             return _fal_json({"detail": [{"loc": ["body"], "msg": "Invalid JSON", "type": "json_invalid"}]}, 422)
         try:
-            LipsyncInput.model_validate(arguments)
-        except ValidationError as exc:
-            return _fal_json({"detail": _validation_detail(exc)}, 422)
+            validate(arguments)
+        except InputRefused as exc:
+            return _fal_json({"detail": exc.detail}, 422)
         limit = request.query_params.get("fal_max_queue_length") or request.headers.get("x-fal-queue-max-length")
         if limit and limit.isdigit() and len(emulator.waiting) >= int(limit):
             return _fal_json({"detail": "Queue is full"}, 429, headers={"Retry-After": "1"})
-        timeout = request.headers.get("x-fal-request-timeout")
+        # fal's docs name it X-Fal-Request-Timeout; newer fal-client sends X-Fal-Request-Start-Timeout.
+        timeout = request.headers.get("x-fal-request-timeout") or request.headers.get("x-fal-request-start-timeout")
         base = f"{request.url.scheme}://{request.url.netloc}"
         found = FalRequest(
             id=str(uuid.uuid4()), app=app_id, base=base, arguments=arguments,
             marker=request.headers.get("x-lipsync-job-id"), webhook=request.query_params.get("fal_webhook"),
             start_timeout=float(timeout) if timeout else None,
+            headers={k: v for k, v in request.headers.items() if k.startswith("x-fal-")},
         )  # fmt: skip
-        for name in ("model_error", "validation_after", "expire_result", "cdn_404"):
+        try:
+            apply_platform_headers(found, request.headers)
+        except ValueError as exc:
+            return _fal_json({"detail": str(exc)}, 400)
+        for name in ("model_error", "validation_after", "expire_result", "cdn_404", "error_on_result_only",
+                     "webhook_payload_error", "wrong_file_size"):  # fmt: skip
             if emulator.faults.fire(name):
                 found.inject.add(name)
         emulator.requests[found.id] = found
@@ -406,15 +506,22 @@ def build_app(emulator: Emulator) -> Starlette:
         if found.marker:
             by_marker = emulator.counters["by_marker"]
             by_marker[found.marker] = by_marker.get(found.marker, 0) + 1
-        emulator.waiting.append(found.id)
+        position = emulator.enqueue(found)
         emulator.wakeup.set()
         if emulator.faults.fire("drop_submit"):
             return _DroppedAnswer()
-        body = {"request_id": found.id, **found.urls(), "queue_position": len(emulator.waiting) - 1}
+        # fal's submit answer: the request's status and its gateway_request_id (the same id unless
+        # fal retried the request on another runner) next to the URLs.
+        body = {
+            "status": "IN_QUEUE", "request_id": found.id, "gateway_request_id": found.id, **found.urls(),
+            "queue_position": position,
+        }  # fmt: skip
         return _fal_json(body, 200, request_id=found.id)
 
-    async def request_route(request: Request, request_id: str, rest: list[str]) -> Response:
+    async def request_route(request: Request, app_id: str, request_id: str, rest: list[str]) -> Response:
         found = emulator.requests.get(request_id)
+        if found is not None and found.app != app_id:  # another app's request is not found here
+            found = None
         if rest[:1] == ["status"]:
             emulator.counters["status_polls"] += 1
             failure = await injected(request, "status")
@@ -537,6 +644,7 @@ def build_app(emulator: Emulator) -> Starlette:
             return JSONResponse({"detail": "Request not found"}, status_code=404)
         state = {k: v for k, v in vars(found).items() if k not in ("task",)}
         state["inject"] = sorted(found.inject)
+        state["keep_result_s"] = emulator.keep_result_s(found)
         return JSONResponse(state)
 
     async def jwks(request: Request) -> Response:

@@ -8,6 +8,14 @@ from dataclasses import dataclass
 FAULTS = (
     "rate_limit", "ingress_5xx", "runner_5xx", "drop_submit", "hang", "model_error",
     "validation_after", "expire_result", "cdn_404",
+    # A model error that the status does not show: COMPLETED without `error`, the error only on
+    # the result fetch (live fal answers some model errors this way).
+    "error_on_result_only",
+    # The webhook body carries `payload: null` and `payload_error`, as fal's does when the
+    # result could not be serialized.
+    "webhook_payload_error",
+    # The output File's `file_size` differs from the bytes the CDN serves.
+    "wrong_file_size",
 )  # fmt: skip
 
 

@@ -12,7 +12,7 @@ from fractions import Fraction
 import av
 import numpy as np
 
-from lipsync.models import SyncMode, output_duration
+from emulator.schema import SyncMode, output_duration
 from lipsync.probe import probe
 
 AUDIO_RATE = 44100

@@ -8,6 +8,7 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -41,13 +42,29 @@ class WebhookSigner:
         }
 
 
+# fal: "If the webhook fails to deliver the payload, it will retry 10 times in the span of 2 hours"
+# (docs: model-endpoints/webhooks, "Retry policy"). The docs give no spacing; this schedule doubles
+# each wait so that 10 attempts span 2 hours: 9 gaps of 14 s, 28 s, ... 1 h (sum 2 h).
+WEBHOOK_ATTEMPTS = 10
+WEBHOOK_SPAN_S = 2 * 3600.0
+_FIRST_GAP_S = WEBHOOK_SPAN_S / (2 ** (WEBHOOK_ATTEMPTS - 1) - 1)
+
+
+def retry_gaps(time_scale: float = 1.0) -> list[float]:
+    """Seconds to wait before each retry (attempts 2..10), shrunk by `time_scale` in tests."""
+    return [_FIRST_GAP_S * 2**n * time_scale for n in range(WEBHOOK_ATTEMPTS - 1)]
+
+
 async def deliver(
     client: httpx.AsyncClient, signer: WebhookSigner, url: str, payload: dict[str, Any],
-    attempts: int = 5,
+    time_scale: float = 1.0, on_attempt: Callable[[], None] | None = None,
 ) -> int:  # fmt: skip
-    """POST until a 2xx, with backoff; returns the number of attempts made."""
+    """POST until a 2xx, on fal's retry schedule; returns the number of attempts made."""
     body = json.dumps(payload).encode()
-    for attempt in range(1, attempts + 1):
+    gaps = retry_gaps(time_scale)
+    for attempt in range(1, WEBHOOK_ATTEMPTS + 1):
+        if on_attempt is not None:
+            on_attempt()
         try:
             response = await client.post(url, content=body, headers=signer.headers(payload["request_id"], body))
             if 200 <= response.status_code < 300:
@@ -55,5 +72,6 @@ async def deliver(
             log.info("webhook %s answered %s", url, response.status_code)
         except httpx.HTTPError as exc:
             log.info("webhook %s failed: %s", url, type(exc).__name__)
-        await asyncio.sleep(min(30.0, 0.5 * 2 ** (attempt - 1)))
-    return attempts
+        if attempt < WEBHOOK_ATTEMPTS:
+            await asyncio.sleep(gaps[attempt - 1])
+    return WEBHOOK_ATTEMPTS

@@ -8,6 +8,7 @@ may have created one (the answer was lost) is `SubmitOutcomeUnknown`, never re-P
 from __future__ import annotations
 
 import email.utils
+import json
 import time
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -16,13 +17,56 @@ from typing import Any
 import httpx
 from pydantic import SecretStr
 
+from config.settings import Settings
 from lipsync.errors import FalError, InvalidInput, PermanentError, RetryableError
-from lipsync.models import FalLog, FalRequest
+from lipsync.models import FalLog, FalPriority, FalRequest
 
 # Statuses that say "try again" without anything having happened (RETRY_CODES in fal-client).
 _RETRY_STATUS = frozenset({408, 409, 429})
 _INGRESS_STATUS = frozenset({502, 503, 504})
 MARKER_HEADER = "X-Lipsync-Job-Id"
+
+# fal's platform headers (fal-client's projects/fal_client/src/fal_client/_headers.py for names and
+# values; fal docs "Platform Headers", documentation/model-apis/common-parameters, and "Data
+# Retention & Storage", documentation/model-apis/media-expiration, for what each does).
+# Queue priority, "normal" or "low": a low request waits behind every normal one on the endpoint's
+# queue, which all of fal's users share. It costs waiting time; fal lists no price difference.
+QUEUE_PRIORITY_HEADER = "X-Fal-Queue-Priority"
+# Seconds a request may wait for a runner to start it (queue, runner acquisition, retries). Past
+# it fal answers 504 with X-Fal-Request-Timeout-Type: user and nothing ran, so nothing is billed;
+# it never limits the run itself. fal's docs name this header; fal-client's newest _headers.py
+# sends X-Fal-Request-Start-Timeout for the same SDK argument (start_timeout): the docs win here.
+REQUEST_TIMEOUT_HEADER = "X-Fal-Request-Timeout"
+# "0": fal does not keep the request's JSON payloads (kept 30 days otherwise, for the dashboard's
+# history). Ours hold presigned URLs of the tenant's media, credentials until they expire.
+STORE_IO_HEADER = "X-Fal-Store-IO"
+# How long fal keeps the output on its CDN, as {"expiration_duration_seconds": N}. We copy the
+# video to our own bucket within minutes, so fal's copy need not outlive the day.
+OBJECT_LIFECYCLE_HEADER = "X-Fal-Object-Lifecycle-Preference"
+
+
+@dataclass(frozen=True)
+class FalHeaders:
+    """The platform headers every submit carries, from settings; a job may override priority/timeout."""
+
+    queue_priority: FalPriority | None = None
+    start_timeout_s: float | None = None
+    store_io: bool = False
+    output_lifecycle_s: int | None = None
+
+    def render(self, *, priority: FalPriority | None = None, start_timeout_s: float | None = None) -> dict[str, str]:
+        headers: dict[str, str] = {}
+        chosen_priority = priority or self.queue_priority
+        if chosen_priority is not None:
+            headers[QUEUE_PRIORITY_HEADER] = chosen_priority.value
+        timeout = start_timeout_s if start_timeout_s is not None else self.start_timeout_s
+        if timeout:
+            headers[REQUEST_TIMEOUT_HEADER] = f"{timeout:g}"
+        if not self.store_io:
+            headers[STORE_IO_HEADER] = "0"
+        if self.output_lifecycle_s:
+            headers[OBJECT_LIFECYCLE_HEADER] = json.dumps({"expiration_duration_seconds": self.output_lifecycle_s})
+        return headers
 
 
 class SubmitOutcomeUnknown(PermanentError):
@@ -101,14 +145,36 @@ class FalQueueClient:
         key: SecretStr,
         timeout_s: float = 30.0,
         transport: httpx.BaseTransport | None = None,
+        platform_headers: FalHeaders | None = None,
+        fallback_queue_url: str = "",
     ) -> None:
         self.queue_url = queue_url.rstrip("/")
         self.app = app.strip("/")
         self._key = key
+        self.platform_headers = platform_headers or FalHeaders()
+        # Tried only when the first host cannot be connected to: then nothing reached fal, and a
+        # second POST cannot create a second request. fal's answer URLs are followed from there on.
+        self.fallback_queue_url = fallback_queue_url.rstrip("/")
         self._http = httpx.Client(
             timeout=httpx.Timeout(timeout_s, connect=min(10.0, timeout_s)),
             limits=httpx.Limits(max_connections=64, max_keepalive_connections=32),
             transport=transport,
+        )
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> FalQueueClient:
+        return cls(
+            queue_url=settings.fal_queue_url,
+            app=settings.fal_app,
+            key=settings.fal_key,
+            timeout_s=settings.http_timeout_s,
+            platform_headers=FalHeaders(
+                queue_priority=FalPriority(settings.fal_queue_priority) if settings.fal_queue_priority else None,
+                start_timeout_s=settings.fal_start_timeout_s or None,
+                store_io=settings.fal_store_io,
+                output_lifecycle_s=settings.fal_output_lifecycle_s or None,
+            ),
+            fallback_queue_url=settings.fal_fallback_queue_url,
         )
 
     def close(self) -> None:
@@ -118,14 +184,30 @@ class FalQueueClient:
         return {"Authorization": f"Key {self._key.get_secret_value()}"}
 
     # submit ----------------------------------------------------------------
-    def submit(self, arguments: dict[str, Any], *, marker: str, webhook_url: str | None = None) -> FalRequest:
+    def submit(
+        self,
+        arguments: dict[str, Any],
+        *,
+        marker: str,
+        webhook_url: str | None = None,
+        priority: FalPriority | None = None,
+        start_timeout_s: float | None = None,
+    ) -> FalRequest:
         params = {"fal_webhook": webhook_url} if webhook_url else None
-        headers = {**self._headers(), MARKER_HEADER: marker}
+        headers = {
+            **self._headers(),
+            **self.platform_headers.render(priority=priority, start_timeout_s=start_timeout_s),
+            MARKER_HEADER: marker,
+        }
+        hosts = [self.queue_url, *([self.fallback_queue_url] if self.fallback_queue_url else [])]
         try:
-            response = self._http.post(f"{self.queue_url}/{self.app}", json=arguments, params=params, headers=headers)
-        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
-            # Nothing reached fal: safe to try again.
-            raise RetryableError(f"could not connect to fal: {type(exc).__name__}") from None
+            for number, host in enumerate(hosts, start=1):
+                try:
+                    response = self._http.post(f"{host}/{self.app}", json=arguments, params=params, headers=headers)
+                    break
+                except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+                    if number == len(hosts):  # nothing reached fal: safe to try again later
+                        raise RetryableError(f"could not connect to fal: {type(exc).__name__}") from None
         except httpx.TransportError as exc:
             raise SubmitOutcomeUnknown(
                 "the submit reached fal but its answer was lost "
@@ -136,6 +218,7 @@ class FalQueueClient:
         if response.status_code == 200:
             body = response.json()
             return FalRequest(
+                gateway_request_id=body.get("gateway_request_id"),
                 request_id=body["request_id"],
                 status_url=body["status_url"],
                 response_url=body["response_url"],

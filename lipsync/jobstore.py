@@ -24,7 +24,7 @@ from lipsync.models import Job, JobStatus
 _JSON_FIELDS = (
     "request", "idempotency_key", "request_digest", "batch_id", "metadata", "inputs", "fal",
     "logs", "output", "error", "cost_estimate_usd", "expected_duration", "created_at",
-    "updated_at", "deadline_at", "tenant", "callback_url",
+    "updated_at", "deadline_at", "tenant", "callback_url", "fal_priority",
 )  # fmt: skip
 
 _TRANSITION = """

@@ -9,12 +9,21 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
-PRICE_PER_SECOND_USD = 8.0 / 60.0  # fal's list price for sync-3: about $8 per output minute
+# The input and output below are fal's published schema for `fal-ai/sync-lipsync/v3`, field by
+# field: the model's API page (https://fal.ai/models/fal-ai/sync-lipsync/v3/api, also served as
+# .../v3/llms.txt) and the `Sync3Input`, `Sync3GenerationOptions`, `Sync3ActiveSpeakerDetection`
+# and `File` types of fal's JS client (fal-ai/fal-js, libs/client/src/types). A test
+# (tests/unit/test_published_schema.py) walks that schema as a table and checks these models,
+# so a drift is caught by a test, not by a user. Types are strict (no "3" for 3, no "yes" for
+# true): fal validates what it receives, and a value it would refuse must be refused here, before
+# anything is paid for. Nothing is constrained beyond the page unless a comment gives the source.
 
 
 class SyncMode(StrEnum):
+    """Lipsync mode when audio and video durations are out of sync (`SyncModeEnum`)."""
+
     cut_off = "cut_off"
     loop = "loop"
     bounce = "bounce"
@@ -23,43 +32,77 @@ class SyncMode(StrEnum):
 
 
 class ModelMode(StrEnum):
+    """The region the model edits (`Sync3GenerationOptions.model_mode`)."""
+
     lips = "lips"
     face = "face"
     head = "head"
+    lipsync = "lipsync"
+    emotion = "emotion"
+    talking_head = "talking_head"
+
+
+class EmotionPrompt(StrEnum):
+    """`Sync3GenerationOptions.prompt`: an emotion, one word from the page's list, not free text."""
+
+    happy = "happy"
+    sad = "sad"
+    angry = "angry"
+    disgusted = "disgusted"
+    surprised = "surprised"
+    neutral = "neutral"
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+# A float field accepts a JSON integer (as JSON Schema's `number` does) but never a string.
+StrictNumber = Annotated[float, Field(strict=True)]
+
+
 class Sync3ActiveSpeakerDetection(_Strict):
     """Which face to lip-sync when several are on screen."""
 
-    auto_detect: bool | None = None
-    v3: bool | None = None
-    use_v2: bool | None = None
-    frame_number: Annotated[int, Field(ge=0)] | None = None
-    coordinates: Annotated[list[int], Field(min_length=2, max_length=2)] | None = None
-    bounding_boxes: list[Annotated[list[float], Field(min_length=4, max_length=4)] | None] | None = None
-    bounding_boxes_url: str | None = None
-    face_image: str | None = None
+    auto_detect: StrictBool | None = Field(default=None, description="Let the model pick the active speaker.")
+    v3: StrictBool | None = Field(default=None, description="Use the v3 active speaker detection.")
+    use_v2: StrictBool | None = Field(default=None, description="Use the v2 active speaker detection.")
+    frame_number: StrictInt | None = Field(
+        default=None, description="Frame index that the coordinates refer to."
+    )  # no lower bound: the page states none
+    # Two numbers because the page describes the field as `[x, y]`, a point on the speaker's face
+    # (sync.so's speaker-selection guide says the same: "coordinates ([x, y])").
+    coordinates: Annotated[list[StrictInt], Field(min_length=2, max_length=2)] | None = Field(
+        default=None, description="[x, y] of a point on the speaker's face in frame_number."
+    )
+    # list<list<integer>>, one [x1, y1, x2, y2] box per frame (the page's own words, hence 4).
+    # sync.so's own API also allows null for a frame without a face; fal's page does not.
+    bounding_boxes: list[Annotated[list[StrictInt], Field(min_length=4, max_length=4)]] | None = Field(
+        default=None, description="One [x1, y1, x2, y2] box per frame."
+    )
+    bounding_boxes_url: StrictStr | None = Field(default=None, description="URL of a JSON file of bounding boxes.")
+    face_image: StrictStr | None = Field(default=None, description="Base64 image of the face to lip-sync.")
 
 
 class Sync3GenerationOptions(_Strict):
-    sync_mode: SyncMode | None = None
+    sync_mode: SyncMode | None = Field(default=None, description="Overrides the top-level sync_mode.")
     model_mode: ModelMode | None = None
-    prompt: Annotated[str, Field(max_length=2000)] | None = None
-    temperature: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
-    occlusion_detection_enabled: bool | None = None
+    prompt: EmotionPrompt | None = None
+    # No range: the page gives none, and sync-3 ignores temperature (sync.so's sync-3 page lists
+    # it under "options not available"). The old 0..1 range was lipsync-2's, not this model's.
+    temperature: StrictNumber | None = None
+    occlusion_detection_enabled: StrictBool | None = None  # ignored by sync-3 (same page)
     active_speaker_detection: Sync3ActiveSpeakerDetection | None = None
 
 
 class LipsyncInput(_Strict):
-    """The input of `fal-ai/sync-lipsync/v3`."""
+    """The input of `fal-ai/sync-lipsync/v3` (`Sync3Input`)."""
 
-    video_url: Annotated[str, Field(min_length=1)]
-    audio_url: Annotated[str, Field(min_length=1)]
-    sync_mode: SyncMode = SyncMode.cut_off
+    video_url: Annotated[StrictStr, Field(min_length=1)] = Field(description="URL of the input video")
+    audio_url: Annotated[StrictStr, Field(min_length=1)] = Field(description="URL of the input audio")
+    sync_mode: SyncMode = Field(
+        default=SyncMode.cut_off, description="Lipsync mode when audio and video durations are out of sync."
+    )
     options: Sync3GenerationOptions | None = None
 
     @property
@@ -71,15 +114,19 @@ class LipsyncInput(_Strict):
 
 
 class File(BaseModel):
+    """fal's `File`: only `url` is required; fal may add fields, which are kept."""
+
     model_config = ConfigDict(extra="allow")
 
-    url: str
-    content_type: str | None = None
-    file_name: str | None = None
-    file_size: int | None = None
+    url: str = Field(description="The URL where the file can be downloaded from.")
+    content_type: str | None = Field(default=None, description="The mime type of the file.")
+    file_name: str | None = Field(default=None, description="The name of the file.")
+    file_size: int | None = Field(default=None, description="The size of the file in bytes.")
 
 
 class VideoFile(File):
+    """fal's `VideoFile`: a File with what a probe of the video says."""
+
     width: int | None = None
     height: int | None = None
     fps: float | None = None
@@ -88,6 +135,8 @@ class VideoFile(File):
 
 
 class LipsyncOutput(BaseModel):
+    """The output of `fal-ai/sync-lipsync/v3`: `video` is a File."""
+
     model_config = ConfigDict(extra="allow")
 
     video: File
@@ -102,8 +151,23 @@ def output_duration(sync_mode: SyncMode, video_s: float, audio_s: float) -> floa
     return audio_s  # loop, bounce and remap all follow the audio
 
 
-def estimate_cost_usd(sync_mode: SyncMode, video_s: float, audio_s: float) -> float:
-    return round(output_duration(sync_mode, video_s, audio_s) * PRICE_PER_SECOND_USD, 4)
+# fal's list price for sync-3: "$8 per minute" of output on the model's page (pricing section of
+# https://fal.ai/models/fal-ai/sync-lipsync/v3/llms.txt), i.e. $0.1333 per output second. It is
+# the default of the `price_per_output_second_usd` setting: prices change, code should not.
+PRICE_PER_SECOND_USD = 8.0 / 60.0
+
+
+def estimate_cost_usd(
+    sync_mode: SyncMode, video_s: float, audio_s: float, price_per_second_usd: float = PRICE_PER_SECOND_USD
+) -> float:
+    return round(output_duration(sync_mode, video_s, audio_s) * price_per_second_usd, 4)
+
+
+class FalPriority(StrEnum):
+    """fal's queue priority (`X-Fal-Queue-Priority`, fal-client's `Priority`): normal or low."""
+
+    normal = "normal"
+    low = "low"
 
 
 class JobStatus(StrEnum):
@@ -165,6 +229,9 @@ class FalRequest(BaseModel):
     """The one fal request a job may have; saved the moment submit returns."""
 
     request_id: str
+    # fal's id of the request's latest try: the same as request_id unless fal retried it on
+    # another runner (docs: model-endpoints/webhooks). Support tickets quote it.
+    gateway_request_id: str | None = None
     status_url: str
     response_url: str
     cancel_url: str
@@ -191,6 +258,8 @@ class Job(BaseModel):
     # Set by the HTTP gateway: who owns the job, and where to POST it when it ends.
     tenant: str | None = None
     callback_url: str | None = None
+    # Sent as X-Fal-Queue-Priority; None = the `fal_queue_priority` setting.
+    fal_priority: FalPriority | None = None
     inputs: dict[str, MediaInfo] = Field(default_factory=dict)
     fal: FalRequest | None = None
     logs: list[FalLog] = Field(default_factory=list)

@@ -8,7 +8,18 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
-from lipsync.models import Job, JobError, JobOutput, JobStatus, LipsyncInput
+from lipsync.models import FalPriority, Job, JobError, JobOutput, JobStatus, LipsyncInput
+
+
+class FalOutputFile(BaseModel):
+    """What fal said of the video it made (its `File`), next to our stored copy in `output`.
+
+    fal's URL is left out: the stored copy is the deliverable, and fal's copy expires.
+    """
+
+    content_type: str | None = None
+    file_name: str | None = None
+    file_size: int | None = Field(default=None, description="bytes, as fal reported them")
 
 
 class PublicJob(BaseModel):
@@ -19,7 +30,12 @@ class PublicJob(BaseModel):
     batch_id: str | None = None
     metadata: dict[str, str] = Field(default_factory=dict)
     callback_url: str | None = None
+    fal_priority: FalPriority | None = None
     fal_request_id: str | None = None
+    fal_gateway_request_id: str | None = Field(
+        default=None, description="fal's id of the request's latest try; quote it to fal's support"
+    )
+    fal_output: FalOutputFile | None = None
     output: JobOutput | None = None
     error: JobError | None = None
     cost_estimate_usd: float | None = None
@@ -48,7 +64,14 @@ def public_job(job: Job) -> PublicJob:
         batch_id=job.batch_id,
         metadata=job.metadata,
         callback_url=job.callback_url,
+        fal_priority=job.fal_priority,
         fal_request_id=job.fal.request_id if job.fal else None,
+        fal_gateway_request_id=job.fal.gateway_request_id if job.fal else None,
+        fal_output=(
+            FalOutputFile.model_validate(job.fal.output.model_dump(include={"content_type", "file_name", "file_size"}))
+            if job.fal is not None and job.fal.output is not None
+            else None
+        ),
         output=job.output,
         error=job.error,
         cost_estimate_usd=job.cost_estimate_usd,

@@ -24,7 +24,7 @@ from lipsync.errors import InvalidInput, InvalidTransition
 from lipsync.fal import FalQueueClient
 from lipsync.fetcher import GuardedFetcher
 from lipsync.jobstore import JobStore
-from lipsync.models import AT_FAL_STATUSES, Job, JobStatus, LipsyncInput
+from lipsync.models import AT_FAL_STATUSES, FalPriority, Job, JobStatus, LipsyncInput
 from lipsync.storage import Storage
 from producers.sources import resolve_source
 
@@ -112,9 +112,12 @@ class LipsyncClient:
         metadata: dict[str, str] | None = None,
         batch_id: str | None = None,
         base_dir: Path | None = None,
+        fal_priority: FalPriority | None = None,
     ) -> Job:
         request = self.build_request(video, audio, sync_mode=sync_mode, options=options, base_dir=base_dir)
-        return self.submit_request(request, idempotency_key=idempotency_key, metadata=metadata, batch_id=batch_id)
+        return self.submit_request(
+            request, idempotency_key=idempotency_key, metadata=metadata, batch_id=batch_id, fal_priority=fal_priority
+        )
 
     def submit_request(
         self,
@@ -125,6 +128,7 @@ class LipsyncClient:
         batch_id: str | None = None,
         tenant: str | None = None,
         callback_url: str | None = None,
+        fal_priority: FalPriority | None = None,
     ) -> Job:
         if idempotency_key is not None and not (0 < len(idempotency_key) <= 200):
             raise InvalidInput("the idempotency key must be 1 to 200 characters long")
@@ -139,6 +143,7 @@ class LipsyncClient:
             metadata=metadata or {},
             tenant=tenant,
             callback_url=callback_url,
+            fal_priority=fal_priority,
             created_at=now,
             updated_at=now,
             deadline_at=now + self.settings.job_deadline_s,

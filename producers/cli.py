@@ -16,7 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from lipsync.errors import LipsyncError
-from lipsync.models import Job, JobStatus
+from lipsync.models import FalPriority, Job, JobStatus
 
 console = Console(stderr=True)
 out = Console()
@@ -99,10 +99,12 @@ def main(ctx: click.Context) -> None:
 @main.command()
 @click.option("--video", required=True, help="https URL, s3://bucket/key, local file or data: URI")
 @click.option("--audio", required=True, help="https URL, s3://bucket/key, local file or data: URI")
-@click.option("--sync-mode", type=click.Choice(["cut_off", "loop", "bounce", "silence", "remap"]))
+# Checked by the request model with everything else, so a wrong value is one line, like any other.
+@click.option("--sync-mode", help="cut_off (default), loop, bounce, silence or remap")
 @click.option("--options", "options_json", help='sync-3 options as JSON, e.g. \'{"model_mode": "lips"}\'')
 @click.option("--idempotency-key", help="the same key returns the same job")
 @click.option("--metadata", "metadata_json", help="your own ids as a JSON object, echoed back")
+@click.option("--low-priority", is_flag=True, help="X-Fal-Queue-Priority: low (waits behind normal requests)")
 @click.option("--wait", is_flag=True, help="wait until the job ends")
 @click.option("--timeout", type=float, default=None, help="with --wait: give up after this many seconds")
 @click.option("--json", "as_json", is_flag=True, help="print the job record as JSON")
@@ -114,6 +116,7 @@ def submit(
     options_json: str | None,
     idempotency_key: str | None,
     metadata_json: str | None,
+    low_priority: bool,
     wait: bool,
     timeout: float | None,
     as_json: bool,
@@ -129,6 +132,7 @@ def submit(
         options=options,
         idempotency_key=idempotency_key,
         metadata={str(k): str(v) for k, v in (metadata or {}).items()},
+        fal_priority=FalPriority.low if low_priority else None,
     )
     if not wait:
         if as_json:
@@ -224,6 +228,8 @@ def summary_table(jobs: Sequence[Job]) -> Table:
             f"${job.cost_estimate_usd:.3f}" if job.cost_estimate_usd is not None else "",
             detail,
         )
+    priced = [job.cost_estimate_usd for job in jobs if job.cost_estimate_usd is not None]
+    table.caption = f"estimated cost ${sum(priced):.2f} for {len(priced)} of {len(jobs)} jobs priced"
     return table
 
 
@@ -457,7 +463,10 @@ def stats(minutes: float, as_json: bool) -> None:
     """Throughput, latency percentiles, failures by cause and spend over the last N minutes."""
     from producers.stats import compute_stats, render_stats
 
-    summary = compute_stats(_client().store, minutes)
+    client = _client()
+    summary = compute_stats(
+        client.store, minutes, price_per_output_second_usd=client.settings.price_per_output_second_usd
+    )
     if as_json:
         out.print_json(json.dumps(summary.as_dict()))
     else:

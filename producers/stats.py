@@ -17,7 +17,7 @@ from rich.console import Group
 from rich.table import Table
 
 from lipsync.jobstore import JobStore
-from lipsync.models import Job, JobStatus
+from lipsync.models import PRICE_PER_SECOND_USD, Job, JobStatus
 
 # Spans shown as latency rows: (name, from status, to status).
 SPANS = (
@@ -56,6 +56,7 @@ class Stats:
     output_seconds: float
     output_seconds_per_minute: float
     spend_usd: float
+    price_per_output_second_usd: float
     latency: dict[str, Latency] = field(default_factory=dict)
     failures: list[Failure] = field(default_factory=list)
     now: dict[str, int] = field(default_factory=dict)
@@ -85,7 +86,9 @@ def ended_at(job: Job) -> float:
     return job.timestamps.get(job.status.value, job.updated_at)
 
 
-def compute_stats(store: JobStore, minutes: float, now: float | None = None) -> Stats:
+def compute_stats(
+    store: JobStore, minutes: float, now: float | None = None, price_per_output_second_usd: float = PRICE_PER_SECOND_USD
+) -> Stats:
     now = time.time() if now is None else now
     since = now - minutes * 60
     jobs = [job for job in store.get_many(store.finished_ids(since)) if job.terminal and ended_at(job) >= since]
@@ -114,6 +117,7 @@ def compute_stats(store: JobStore, minutes: float, now: float | None = None) -> 
         output_seconds=round(output_seconds, 3),
         output_seconds_per_minute=round(output_seconds / window, 3),
         spend_usd=round(sum(job.cost_estimate_usd or 0.0 for job in completed), 4),
+        price_per_output_second_usd=price_per_output_second_usd,
         latency={name: span for name, values in spans.items() if (span := latency_of(values)) is not None},
         failures=sorted(failures.values(), key=lambda failure: -failure.count),
         now={status: count for status, count in store.counts().items() if count},
@@ -127,7 +131,12 @@ def render_stats(stats: Stats) -> Group:
     headline.add_row("throughput", f"{stats.completed_per_minute:.2f} jobs/min, "
                      f"{stats.output_seconds_per_minute:.1f} s of output/min")  # fmt: skip
     headline.add_row("output", f"{stats.output_seconds:.1f} s of video")
-    headline.add_row("estimated spend", f"${stats.spend_usd:.2f}")
+    per_job = stats.spend_usd / stats.completed if stats.completed else 0.0
+    price = stats.price_per_output_second_usd
+    headline.add_row(
+        "estimated spend",
+        f"${stats.spend_usd:.2f} (${per_job:.3f} a completed job at ${price:.4f} per output second)",
+    )
     headline.add_row("all jobs now", " ".join(f"{status}:{count}" for status, count in stats.now.items()) or "none")
     parts: list[Any] = [headline]
     if stats.latency:

@@ -44,12 +44,7 @@ def build_context(settings: Settings) -> Context:
         ),
         storage=Storage(settings),
         fetcher=GuardedFetcher.from_settings(settings),
-        fal=FalQueueClient(
-            queue_url=settings.fal_queue_url,
-            app=settings.fal_app,
-            key=settings.fal_key,
-            timeout_s=settings.http_timeout_s,
-        ),
+        fal=FalQueueClient.from_settings(settings),
     )
 
 

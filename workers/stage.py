@@ -47,7 +47,9 @@ def stage(job: Job, ctx: Context, lease: Lease) -> str | None:
         set_fields={
             "inputs": {"video": video.model_dump(mode="json"), "audio": audio.model_dump(mode="json")},
             "expected_duration": round(expected, 3),
-            "cost_estimate_usd": estimate_cost_usd(mode, video.duration, audio.duration),
+            "cost_estimate_usd": estimate_cost_usd(
+                mode, video.duration, audio.duration, ctx.settings.price_per_output_second_usd
+            ),
         },
         schedule_at=time.time() + ctx.settings.poll_lease_s,
         event=f"staged: video {video.duration:.2f}s, audio {audio.duration:.2f}s",

@@ -64,7 +64,7 @@ def submit(job: Job, ctx: Context, lease: Lease) -> str | None:
         return None
     webhook = f"{settings.fal_webhook_url.rstrip('/')}/{job.id}" if settings.fal_webhook_url else None
     try:
-        request = ctx.fal.submit(arguments, marker=job.id, webhook_url=webhook)
+        request = ctx.fal.submit(arguments, marker=job.id, webhook_url=webhook, priority=job.fal_priority)
     except RetryableError:
         # Proven not created (connect error, 429, 5xx before fal's queue): free to try again.
         store.transition(job.id, None, delete_fields=[CLAIM_FIELD])

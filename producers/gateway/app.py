@@ -283,6 +283,7 @@ def _create(gateway: Gateway, tenant: Tenant, spec: JobCreate, request: LipsyncI
             batch_id=batch_id,
             tenant=tenant.name,
             callback_url=spec.callback_url,
+            fal_priority=spec.fal_priority,
         )
     except IdempotencyConflict:
         raise conflict from None

@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from lipsync.models import Sync3GenerationOptions, SyncMode
+from lipsync.models import FalPriority, Sync3GenerationOptions, SyncMode
 from lipsync.public import PublicJob
 
 JOB_ID_PATTERN = r"^[0-9a-f]{32}$"
@@ -39,6 +39,11 @@ class JobCreate(BaseModel):
     callback_url: Annotated[str, Field(min_length=1, max_length=2048)] | None = None
     metadata: Annotated[dict[Annotated[str, Field(max_length=200)], MetadataValue], Field(max_length=50)] = Field(
         default_factory=dict
+    )
+    fal_priority: FalPriority | None = Field(
+        default=None,
+        description="fal's queue priority (X-Fal-Queue-Priority): low waits behind every normal request "
+        "at fal; default the pipeline's setting",
     )
 
 
@@ -96,6 +101,9 @@ class FalWebhookDelivery(BaseModel):
     gateway_request_id: str | None = None
     status: Literal["OK", "ERROR"]
     payload: Any | None = None
+    # Set, with `payload` null, when fal could not serialize the result (docs: webhooks, "Payload
+    # errors"); the result is then fetched from the queue as a poll would.
+    payload_error: str | None = None
     error: str | None = None
 
 

@@ -42,7 +42,7 @@ LOST_SUBMIT = {"submit_outcome_unknown"}
 def stack(chaos_stack: ChaosStack) -> Iterator[ChaosStack]:
     """Each scenario starts with the production shape: one worker per queue, a calm emulator."""
     chaos_stack.emulator.reset()
-    chaos_stack.emulator.configure(latency="2-4", retention_large=360, concurrency=64)
+    chaos_stack.emulator.configure(latency="2-4", retention=3600, retention_large=360, concurrency=64)
     if not chaos_stack.s3_proxy.up:
         chaos_stack.s3_proxy.start()
     chaos_stack.start_workers()
@@ -225,7 +225,7 @@ def test_fal_faults_are_retried_or_explained_and_never_paid_twice(
     """20% 5xx (ingress and runner), 429s, dropped submit answers, hangs, model errors, 20 s retention,
     and a few results that expire before they are fetched."""
     emulator = stack.emulator
-    emulator.configure(retention_large=20)
+    emulator.configure(retention=20, retention_large=20)  # retention follows the JSON result's size
     emulator.set_faults(ingress_5xx=0.1, runner_5xx=0.1, rate_limit=0.1, hang=0.02)
     # Counted rather than drawn, and one kind after the other, so that each lands on requests
     # of its own in every run (a dropped answer would hide a model error on the same request).

@@ -7,27 +7,34 @@ the pipeline's own tests use it through the workers.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
+import itertools
 import json
 import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from pydantic import SecretStr
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from emulator.control import EmulatorProcess, start_emulator
-from lipsync.models import SyncMode, output_duration
+from emulator.webhooks import retry_gaps
+from lipsync.errors import RetryableError
+from lipsync.fal import FalHeaders, FalQueueClient, SubmitOutcomeUnknown
+from lipsync.models import FalPriority, SyncMode, output_duration
 from lipsync.probe import probe
 from producers.devstack import free_port, wait_for_port
 
@@ -43,11 +50,12 @@ def data_uri(path: str, mime: str) -> str:
 @pytest.fixture(scope="module")
 def fal(emulator: EmulatorProcess) -> Iterator[httpx.Client]:
     emulator.reset()
-    emulator.configure(latency="0.2", concurrency=8, media_mode="encode")
+    # fal's webhook retry schedule spans 2 hours; a thousandth of it is 7.2 s.
+    emulator.configure(latency="0.2", concurrency=8, media_mode="encode", webhook_time_scale=0.001)
     with httpx.Client(base_url=emulator.url, headers=KEY, timeout=60) as http:
         yield http
     emulator.reset()
-    emulator.configure(latency="0.3", concurrency=8, media_mode="encode")
+    emulator.configure(latency="0.3", concurrency=8, media_mode="encode", webhook_time_scale=1.0)
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +101,7 @@ def test_submit_answers_urls_built_from_the_request_host_and_the_request_id_head
     body = answer.json()
     request_id = body["request_id"]
     assert answer.headers["x-fal-request-id"] == request_id
+    assert body["status"] == "IN_QUEUE" and body["gateway_request_id"] == request_id
     root = f"{emulator.url}/fal-ai/sync-lipsync/requests/{request_id}"
     assert body["status_url"] == f"{root}/status"
     assert body["response_url"] == root
@@ -106,10 +115,25 @@ def test_submit_answers_urls_built_from_the_request_host_and_the_request_id_head
     assert result.status_code == 200
     video = result.json()["video"]
     assert video["content_type"] == "video/mp4" and video["file_size"] > 0
-    # The short form, the /response suffix and the full-path form all answer the same.
-    for url in (f"{root}/response", f"{emulator.url}/{APP}/requests/{request_id}"):
-        assert fal.get(url).json() == result.json()
+    assert fal.get(f"{root}/response").json() == result.json()
     assert fal.get(video["url"]).content[:12].find(b"ftyp") == 4
+
+
+def test_only_fals_owner_alias_paths_are_served(fal: httpx.Client, inputs: dict[str, str]) -> None:
+    """Status, result and cancel live under owner/alias only; the app's sub-path there is a 404."""
+    body = submit(fal, {"video_url": inputs["video_3s"], "audio_url": inputs["audio_3s"]}).json()
+    request_id = body["request_id"]
+    assert fal.get(body["status_url"]).status_code in (200, 202)
+    for wrong in (
+        f"/{APP}/requests/{request_id}/status",  # the full path with the sub-path
+        f"/{APP}/requests/{request_id}",
+        f"/fal-ai/other-app/requests/{request_id}/status",  # another app's queue
+        f"/fal-ai/sync-lipsync/v3/extra/requests/{request_id}",
+    ):
+        assert fal.get(wrong).status_code == 404, wrong
+    pair = {"video_url": inputs["video_3s"], "audio_url": inputs["audio_3s"]}
+    assert fal.post("/fal-ai/flux/dev", json=pair).status_code == 404
+    assert fal.post("/fal-ai/sync-lipsync/v2", json=pair).status_code == 404
 
 
 def test_missing_key_is_401_and_unknown_request_is_404(fal: httpx.Client, emulator: EmulatorProcess) -> None:
@@ -326,25 +350,50 @@ def test_each_fault_can_be_switched_on_and_shows_as_fal_would(
     assert time.monotonic() - started >= 1.4
     emulator.configure(hang_seconds=60)
 
+    emulator.set_faults(error_on_result_only="once")
+    body = submit(fal, pair).json()
+    quiet = wait_done(fal, body["status_url"])
+    assert quiet["status"] == "COMPLETED" and "error" not in quiet  # the status says nothing
+    answer = fal.get(body["response_url"])
+    assert answer.status_code >= 500 and answer.json()["detail"]  # the result fetch tells
+
+    emulator.set_faults(wrong_file_size="once")
+    body = submit(fal, pair).json()
+    wait_done(fal, body["status_url"])
+    video = fal.get(body["response_url"]).json()["video"]
+    assert video["file_size"] != len(httpx.get(video["url"]).content)
+
     injected = emulator.counters()["faults_injected"]
     for name in ("rate_limit", "ingress_5xx", "runner_5xx", "drop_submit", "model_error", "validation_after",
-                 "expire_result", "cdn_404", "hang"):  # fmt: skip
+                 "expire_result", "cdn_404", "hang", "error_on_result_only", "wrong_file_size"):  # fmt: skip
         assert injected.get(name, 0) >= 1, name
 
 
-def test_short_retention_makes_large_results_disappear(
+def wait_gone(fal: httpx.Client, url: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while fal.get(url).status_code != 404:
+        assert time.monotonic() < deadline, f"{url} was still served after {timeout} s"
+        time.sleep(0.1)
+
+
+def test_retention_follows_the_size_of_the_json_result_not_of_the_video(
     fal: httpx.Client, emulator: EmulatorProcess, inputs: dict[str, str]
 ) -> None:
-    emulator.configure(retention_large=1)
+    """The 10 KB rule is about the result document; a multi-KB mp4 behind a small JSON is kept 1 h."""
+    emulator.configure(retention=3600, retention_large=1)
     try:
-        body = submit(fal, {"video_url": inputs["video_3s"], "audio_url": inputs["audio_3s"]}).json()
+        body = submit(fal, {"video_url": inputs["video_5s"], "audio_url": inputs["audio_5s"]}).json()
         wait_done(fal, body["status_url"])
-        assert fal.get(body["response_url"]).status_code == 200
-        time.sleep(2.5)
-        assert fal.get(body["response_url"]).status_code == 404
+        result = fal.get(body["response_url"])
+        assert result.json()["video"]["file_size"] > 10 * 1024 and len(result.content) < 10 * 1024
+        record = emulator.inspect(body["request_id"])
+        assert record["result_bytes"] == len(json.dumps(result.json()).encode())
+        assert record["keep_result_s"] == 3600  # the small-result retention, not retention_large
+        emulator.configure(retention=1)
+        wait_gone(fal, body["response_url"])
         assert fal.get(body["status_url"]).status_code == 404
     finally:
-        emulator.configure(retention_large=360)
+        emulator.configure(retention=3600, retention_large=360)
 
 
 def test_counters_count_requests_per_marker(
@@ -357,19 +406,30 @@ def test_counters_count_requests_per_marker(
 
 
 # webhooks ------------------------------------------------------------------------------------
-def test_webhook_is_signed_as_fal_signs_and_retried_until_accepted(
-    fal: httpx.Client, emulator: EmulatorProcess, inputs: dict[str, str]
-) -> None:
-    received: list[tuple[dict[str, str], bytes]] = []
-    refusals = [503]
+@dataclass
+class Hook:
+    url: str
+    received: list[tuple[float, dict[str, str], bytes]]
 
-    async def hook(request: Request) -> Response:
-        received.append((dict(request.headers), await request.body()))
-        return Response(status_code=refusals.pop() if refusals else 200)
+    def wait_for(self, count: int, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while len(self.received) < count:
+            assert time.monotonic() < deadline, f"{len(self.received)} deliveries of {count}"
+            time.sleep(0.05)
 
+
+@contextlib.contextmanager
+def hook_server(answers: Callable[[int], int]) -> Iterator[Hook]:
+    """A webhook receiver on a free port; `answers(n)` is the status for the n-th delivery (from 1)."""
     import threading
 
     import uvicorn
+
+    received: list[tuple[float, dict[str, str], bytes]] = []
+
+    async def hook(request: Request) -> Response:
+        received.append((time.monotonic(), dict(request.headers), await request.body()))
+        return Response(status_code=answers(len(received)))
 
     port = free_port()
     server = uvicorn.Server(
@@ -379,17 +439,21 @@ def test_webhook_is_signed_as_fal_signs_and_retried_until_accepted(
     thread.start()
     wait_for_port(port)
     try:
-        body = submit(
-            fal,
-            {"video_url": inputs["video_3s"], "audio_url": inputs["audio_3s"]},
-            fal_webhook=f"http://127.0.0.1:{port}/hook",
-        ).json()
-        deadline = time.monotonic() + 30
-        while len(received) < 2 and time.monotonic() < deadline:
-            time.sleep(0.1)
+        yield Hook(f"http://127.0.0.1:{port}/hook", received)
     finally:
         server.should_exit = True
         thread.join(5)
+
+
+def test_webhook_is_signed_as_fal_signs_and_retried_until_accepted(
+    fal: httpx.Client, emulator: EmulatorProcess, inputs: dict[str, str]
+) -> None:
+    with hook_server(lambda n: 503 if n == 1 else 200) as hook:
+        body = submit(
+            fal, {"video_url": inputs["video_3s"], "audio_url": inputs["audio_3s"]}, fal_webhook=hook.url
+        ).json()
+        hook.wait_for(2)
+        received = [(headers, raw) for _, headers, raw in hook.received]
     assert len(received) == 2, "a refused delivery is retried"
     headers, raw = received[-1]
     payload = json.loads(raw)
@@ -403,6 +467,129 @@ def test_webhook_is_signed_as_fal_signs_and_retried_until_accepted(
     ]).encode()  # fmt: skip
     public.verify(bytes.fromhex(headers["x-fal-webhook-signature"]), message)  # raises if forged
     assert abs(int(headers["x-fal-webhook-timestamp"]) - time.time()) < 120
+
+
+def test_webhook_retries_follow_fals_schedule_ten_attempts_over_two_hours(
+    fal: httpx.Client, emulator: EmulatorProcess, inputs: dict[str, str]
+) -> None:
+    gaps = retry_gaps()
+    assert len(gaps) == 9 and sum(gaps) == pytest.approx(2 * 3600)  # 10 attempts in 2 h
+    assert all(later > earlier for earlier, later in itertools.pairwise(gaps))
+    ended = emulator.counters()["webhooks_ended"]
+    with hook_server(lambda n: 503) as hook:
+        submit(fal, {"video_url": inputs["video_3s"], "audio_url": inputs["audio_3s"]}, fal_webhook=hook.url)
+        hook.wait_for(10)
+        deadline = time.monotonic() + 30
+        while emulator.counters()["webhooks_ended"] == ended:  # fal gave up after the 10th
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        times = [at for at, _, _ in hook.received]
+    assert len(times) == 10, "ten attempts, then no more"
+    scaled = retry_gaps(0.001)
+    for (earlier, later), gap in zip(itertools.pairwise(times), scaled, strict=True):
+        assert later - earlier >= gap * 0.9, (later - earlier, gap)
+
+
+def test_webhook_carries_payload_error_when_the_payload_could_not_be_delivered(
+    fal: httpx.Client, emulator: EmulatorProcess, inputs: dict[str, str]
+) -> None:
+    emulator.set_faults(webhook_payload_error="once")
+    with hook_server(lambda n: 200) as hook:
+        body = submit(
+            fal, {"video_url": inputs["video_3s"], "audio_url": inputs["audio_3s"]}, fal_webhook=hook.url
+        ).json()
+        hook.wait_for(1)
+    delivered = json.loads(hook.received[0][2])
+    assert delivered["request_id"] == body["request_id"] and delivered["gateway_request_id"] == body["request_id"]
+    assert delivered["payload"] is None and delivered["payload_error"]
+    assert fal.get(body["response_url"]).json()["video"]["url"]  # the result itself is still there
+
+
+# fal's platform headers and hosts ------------------------------------------------------------------
+def fal_client(base: str, headers: FalHeaders | None = None, fallback: str = "") -> FalQueueClient:
+    return FalQueueClient(
+        queue_url=base, app=APP, key=SecretStr("emulator-test-key"), platform_headers=headers,
+        fallback_queue_url=fallback,
+    )  # fmt: skip
+
+
+def test_platform_headers_are_sent_and_honoured(
+    fal: httpx.Client, emulator: EmulatorProcess, inputs: dict[str, str]
+) -> None:
+    pair = {"video_url": inputs["video_3s"], "audio_url": inputs["audio_3s"]}
+    settings_headers = FalHeaders(start_timeout_s=600, store_io=False, output_lifecycle_s=1)
+    client = fal_client(emulator.url, settings_headers)
+    idle(emulator)
+    emulator.configure(latency="2", concurrency=1)
+    try:
+        running = client.submit(pair, marker="hdr-running")
+        low = client.submit(pair, marker="hdr-low", priority=FalPriority.low)
+        normal = client.submit(pair, marker="hdr-normal")
+        assert normal.queue_position == 0, "a normal request goes ahead of a waiting low one"
+        record = emulator.inspect(low.request_id)
+        assert record["priority"] == "low" and record["start_timeout"] == 600
+        assert record["store_io"] is False and record["cdn_ttl"] == 1
+        assert record["headers"]["x-fal-store-io"] == "0"
+        assert json.loads(record["headers"]["x-fal-object-lifecycle-preference"]) == {"expiration_duration_seconds": 1}
+        assert emulator.inspect(normal.request_id)["priority"] == "normal"
+    finally:
+        emulator.configure(latency="0.2", concurrency=8)
+    wait_done(fal, running.status_url)
+    video_url = fal.get(running.response_url).json()["video"]["url"]
+    wait_gone(fal, video_url)  # fal's copy of the output lives only as long as asked
+    assert fal.get(running.response_url).status_code == 200  # the result document stays
+    for request in (low, normal):
+        wait_done(fal, request.status_url)
+    client.close()
+
+
+def test_submit_moves_to_the_fallback_host_only_when_the_first_cannot_be_reached(
+    emulator: EmulatorProcess, inputs: dict[str, str]
+) -> None:
+    pair = {"video_url": inputs["video_3s"], "audio_url": inputs["audio_3s"]}
+    dead = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(RetryableError):
+        fal_client(dead).submit(pair, marker="no-fallback")
+    created = emulator.counters()["created"]
+    request = fal_client(dead, fallback=emulator.url).submit(pair, marker="fallback")
+    assert request.status_url.startswith(emulator.url) and request.gateway_request_id == request.request_id
+    assert emulator.counters()["created"] == created + 1
+    # An answer lost after the POST reached fal may have created a request: never sent again elsewhere.
+    emulator.set_faults(drop_submit="once")
+    with pytest.raises(SubmitOutcomeUnknown):
+        fal_client(emulator.url, fallback=emulator.url.replace("127.0.0.1", "localhost")).submit(pair, marker="lost")
+    assert emulator.counters()["by_marker"]["lost"] == 1
+
+
+# the published schema, strictly -----------------------------------------------------------------
+@pytest.mark.parametrize(
+    "options",
+    [{"model_mode": "emotion", "prompt": "happy"}, {"model_mode": "talking_head", "prompt": "neutral"},
+     {"model_mode": "lipsync", "active_speaker_detection": {"bounding_boxes": [[0, 0, 10, 10]]}}],
+)  # fmt: skip
+def test_published_values_are_accepted(fal: httpx.Client, inputs: dict[str, str], options: dict[str, Any]) -> None:
+    answer = submit(fal, {"video_url": inputs["video_3s"], "audio_url": inputs["audio_3s"], "options": options})
+    assert answer.status_code == 200, answer.text
+    assert wait_done(fal, answer.json()["status_url"]).get("error") is None
+
+
+@pytest.mark.parametrize(
+    ("options", "loc"),
+    [
+        ({"prompt": "make it smile"}, ["body", "options", "prompt"]),
+        ({"model_mode": "mouth"}, ["body", "options", "model_mode"]),
+        ({"active_speaker_detection": {"bounding_boxes": [[0.5, 0, 10, 10]]}},
+         ["body", "options", "active_speaker_detection", "bounding_boxes", 0, 0]),
+        ({"active_speaker_detection": {"bounding_boxes": [None]}},
+         ["body", "options", "active_speaker_detection", "bounding_boxes", 0]),
+    ],
+)  # fmt: skip
+def test_values_outside_the_published_schema_are_422_in_fals_shape(
+    fal: httpx.Client, options: dict[str, Any], loc: list[Any]
+) -> None:
+    answer = submit(fal, {"video_url": "x", "audio_url": "y", "options": options})
+    assert answer.status_code == 422
+    assert answer.json()["detail"][0]["loc"] == loc
 
 
 # the official client and scale ------------------------------------------------------------------

@@ -148,8 +148,8 @@ def test_invalid_options_are_refused_before_a_job_exists(client: Any, media: dic
         client.submit(media["video_3s"], media["audio_3s"], options={"model_mode": "mouth"})
     with pytest.raises(InvalidInput, match="not a known field"):
         client.submit(media["video_3s"], media["audio_3s"], options={"lipstick": True})
-    with pytest.raises(InvalidInput, match="temperature"):
-        client.submit(media["video_3s"], media["audio_3s"], options={"temperature": 3})
+    with pytest.raises(InvalidInput, match="prompt"):  # an emotion from the page's list, not free text
+        client.submit(media["video_3s"], media["audio_3s"], options={"prompt": "make it smile"})
     assert client.store.redis.zcard(f"{client.settings.key_prefix}:jobs") == before
 
 

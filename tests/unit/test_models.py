@@ -42,11 +42,11 @@ def test_every_documented_option_is_accepted() -> None:
             **URLS,
             "sync_mode": "bounce",
             "options": {
-                "sync_mode": "silence", "model_mode": "face", "prompt": "calm", "temperature": 0.4,
+                "sync_mode": "silence", "model_mode": "talking_head", "prompt": "surprised", "temperature": 0.4,
                 "occlusion_detection_enabled": True,
                 "active_speaker_detection": {
                     "auto_detect": False, "v3": True, "use_v2": False, "frame_number": 12,
-                    "coordinates": [100, 80], "bounding_boxes": [[1, 2, 30, 40], None],
+                    "coordinates": [100, 80], "bounding_boxes": [[1, 2, 30, 40], [3, 4, 31, 41]],
                     "bounding_boxes_url": "https://media.example.com/boxes.json",
                     "face_image": "https://media.example.com/face.png",
                 },
@@ -60,10 +60,15 @@ def test_every_documented_option_is_accepted() -> None:
     [
         ({"sync_mode": "stretch"}, "sync_mode"),
         ({"options": {"model_mode": "mouth"}}, "options.model_mode"),
-        ({"options": {"temperature": 1.5}}, "options.temperature"),
+        ({"options": {"prompt": "make it smile"}}, "options.prompt"),
         ({"options": {"temperature": "warm"}}, "options.temperature"),
+        ({"options": {"temperature": "0.5"}}, "options.temperature"),
         ({"options": {"occlusion_detection_enabled": "perhaps"}}, "occlusion_detection_enabled"),
-        ({"options": {"active_speaker_detection": {"frame_number": -1}}}, "frame_number"),
+        ({"options": {"occlusion_detection_enabled": 1}}, "occlusion_detection_enabled"),
+        ({"options": {"active_speaker_detection": {"frame_number": "3"}}}, "frame_number"),
+        ({"options": {"active_speaker_detection": {"frame_number": 2.5}}}, "frame_number"),
+        ({"options": {"active_speaker_detection": {"bounding_boxes": [[1.5, 2, 3, 4]]}}}, "bounding_boxes"),
+        ({"options": {"active_speaker_detection": {"bounding_boxes": [None]}}}, "bounding_boxes"),
         ({"options": {"active_speaker_detection": {"coordinates": [1]}}}, "coordinates"),
         ({"options": {"active_speaker_detection": {"bounding_boxes": [[1, 2, 3]]}}}, "bounding_boxes"),
         ({"options": {"lipstick": True}}, "options.lipstick: is not a known field"),
@@ -75,3 +80,16 @@ def test_invalid_requests_are_refused_in_words(fields: dict[str, object], words:
     with pytest.raises(ValidationError) as caught:
         LipsyncInput.model_validate({**URLS, **fields})
     assert words in describe_validation_error(caught.value)
+
+
+def test_sync3_ignores_temperature_so_no_range_of_ours_refuses_it() -> None:
+    """The page states no range (the old 0..1 was lipsync-2's); fal decides, not us."""
+    for temperature in (0, 0.5, 1.5):
+        LipsyncInput.model_validate({**URLS, "options": {"temperature": temperature}})
+
+
+def test_the_price_is_a_setting_defaulting_to_fals_list_price() -> None:
+    from config.settings import Settings
+
+    assert Settings().price_per_output_second_usd == pytest.approx(0.1333, abs=1e-4)  # $8 a minute
+    assert estimate_cost_usd(SyncMode.loop, 10, 60, price_per_second_usd=0.05) == pytest.approx(3.0)
