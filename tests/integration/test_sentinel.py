@@ -49,9 +49,11 @@ def test_master_killed_same_client_writes_to_promoted_replica_and_keeps_acknowle
 ) -> None:
     topology = sentinel_topology
     client = _client(topology)
+    # As the job store writes: a Lua script queued on a pipeline, acknowledged with it.
+    save = client.register_script("return redis.call('HSET', KEYS[1], 'request_id', ARGV[1])")
     pipe = client.pipeline(transaction=False)
-    pipe.hset("lipsync:job:j1", mapping={"submit_claimed_at": "1", "request_id": "req-1"})
-    assert acknowledge(pipe, replicas=1, timeout_ms=5000, policy=AckPolicy.REFUSE) == [2]
+    save(keys=["lipsync:job:j1"], args=["req-1"], client=pipe)
+    assert acknowledge(pipe, replicas=1, timeout_ms=5000, policy=AckPolicy.REFUSE) == [1]
 
     old = topology.kill_master()
     killed_at = time.monotonic()
@@ -62,7 +64,12 @@ def test_master_killed_same_client_writes_to_promoted_replica_and_keeps_acknowle
     address = topology.wait_for_failover(old.port)
     assert address[1] == topology.master.port != old.port
     # The same client object now talks to the new master, which has the acknowledged write.
-    assert client.hgetall("lipsync:job:j1") == {b"submit_claimed_at": b"1", b"request_id": b"req-1"}
+    assert client.hgetall("lipsync:job:j1") == {b"request_id": b"req-1"}
+    # The new master never loaded the script: redis-py loads it again on its own.
+    pipe = client.pipeline(transaction=False)
+    save(keys=["lipsync:job:j2"], args=["req-2"], client=pipe)
+    assert acknowledge(pipe, replicas=0, timeout_ms=1000, policy=AckPolicy.REFUSE) == [1]
+    assert save(keys=["lipsync:job:j3"], args=["req-3"]) == 1
     assert topology.master.client().get("lipsync:after-failover") == b"1"
     assert failover_s < FAILOVER_DEADLINE_S
 
