@@ -9,8 +9,12 @@ is killed with kill -9. The figures printed here (failover time) go in docs/reli
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,12 +26,14 @@ from kombu.messaging import Consumer, Producer
 
 from lipsync.replication import AckPolicy, ReplicaAckTimeout, acknowledge
 from lipsync.sentinel import celery_broker_options, redis_from_url
+from producers.devstack import stop_process
 from tests.fixtures.sentinel import SentinelTopology, sentinel_topology, wait_until
 from workers.broker_sentinel import TRANSPORT
 
 __all__ = ["sentinel_topology"]  # the fixture, imported so pytest finds it
 
 FAILOVER_DEADLINE_S = 30.0
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _client(topology: SentinelTopology) -> redis.Redis[Any]:
@@ -164,6 +170,48 @@ def test_plain_redis_url_still_works(sentinel_topology: SentinelTopology) -> Non
     pipe = client.pipeline(transaction=False)
     pipe.incr("lipsync:plain-counter")
     assert acknowledge(pipe, replicas=0, timeout_ms=0, policy="refuse") == [1]
+
+
+def test_celery_worker_survives_the_master_kill_and_runs_tasks_sent_after_it(
+    sentinel_topology: SentinelTopology, tmp_path: Path
+) -> None:
+    """A real `celery worker` on the Sentinel transport: it reconnects to the promoted replica
+    by itself (no restart) and runs a task sent after the kill."""
+    topology = sentinel_topology
+    env = {**os.environ, "LIPSYNC_TEST_SENTINEL_URL": topology.url, "PYTHONPATH": str(ROOT)}
+    log_path = tmp_path / "worker.log"
+    with log_path.open("wb") as log:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "tests.fixtures.sentinel_celery_app", "worker",
+             "--pool", "solo", "--queues", "sentinel-check", "--loglevel", "INFO",
+             "--without-mingle", "--without-gossip", "--without-heartbeat"],
+            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    try:
+        os.environ["LIPSYNC_TEST_SENTINEL_URL"] = topology.url
+        from tests.fixtures import sentinel_celery_app
+
+        store = _client(topology)
+
+        def done() -> list[bytes]:
+            return store.lrange(sentinel_celery_app.DONE_KEY, 0, -1)
+
+        sentinel_celery_app.app.send_task("record", args=["before-kill"])
+        wait_until(lambda: b"before-kill" in done(), 60, "the worker running a task before the kill")
+
+        old = topology.kill_master()
+        killed_at = time.monotonic()
+        sentinel_celery_app.app.send_task("record", args=["after-kill"])
+        wait_until(lambda: b"after-kill" in done(), 60, "the worker running a task sent after the kill")
+        print(f"\ncelery worker: task sent after the kill ran {time.monotonic() - killed_at:.2f} s after it")
+        assert worker.poll() is None, "the worker exited"
+        assert topology.wait_for_failover(old.port)[1] != old.port
+        assert done() == [b"before-kill", b"after-kill"]
+    finally:
+        stop_process(worker)
+        os.environ.pop("LIPSYNC_TEST_SENTINEL_URL", None)
+        if worker.returncode not in (0, -signal.SIGTERM):
+            print(log_path.read_text(errors="replace")[-4000:])
 
 
 def test_broker_publishes_and_consumes_across_failover(sentinel_topology: SentinelTopology) -> None:
