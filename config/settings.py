@@ -123,6 +123,14 @@ class Settings(BaseSettings):
 
     # fal's list price for sync-3 per second of output ($8 a minute on the model's page).
     price_per_output_second_usd: float = 8.0 / 60.0
+    # Redis with Sentinel: redis_url and broker_url may be sentinel://h1:26379;sentinel://h2:26379
+    # ?master_name=NAME (lipsync.sentinel). The money-critical writes (submit claim, fal request id)
+    # then wait for this many replicas to acknowledge them (Redis WAIT), at most redis_ack_timeout_ms;
+    # 0 = off, right for a single Redis. No acknowledgement in time: "refuse" (nothing is sent to fal,
+    # the step is retried) or "single_host" (logged once, go on with AOF on the master alone).
+    redis_min_replicas_ack: int = Field(default=0, ge=0)
+    redis_ack_timeout_ms: int = Field(default=1000, gt=0)
+    redis_ack_policy: Literal["refuse", "single_host"] = "refuse"
 
     def allowed_private_hosts(self) -> frozenset[str]:
         return frozenset(host.strip().lower() for host in self.allow_private_urls.split(",") if host.strip())
