@@ -17,10 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import redis
+from kombu.exceptions import KombuError
 from pydantic import ValidationError
 
 from config.settings import Settings, get_settings
-from lipsync.errors import InvalidInput, InvalidTransition
+from lipsync.errors import InvalidInput, InvalidTransition, LipsyncError
 from lipsync.fal import FalQueueClient
 from lipsync.fetcher import GuardedFetcher
 from lipsync.jobstore import JobStore
@@ -34,20 +35,58 @@ log = logging.getLogger("lipsync.producer")
 _RETRY_CLEARS = ["fal", "error", "output", "submit_claimed_at", "logs", "lease_owner", "lease_until"]
 
 
+class BrokerUnavailable(LipsyncError):
+    """The job is recorded but its first message could not be sent: it starts when the broker is back.
+
+    Its schedule entry comes due after `transfer_lease_s` and a worker's dispatcher sends it then,
+    so the job runs once without a resubmit (which would pay twice).
+    """
+
+    code = "broker_unavailable"
+
+    def __init__(self, job: Job, reason: str, retry_within_s: float) -> None:
+        super().__init__(
+            f"the broker is unreachable ({reason}); job {job.id} is recorded and starts by itself "
+            f"once the broker is back (at the latest {retry_within_s:.0f} s after that): do not submit it again"
+        )
+        self.job = job
+
+
 def request_digest(request: LipsyncInput) -> str:
     canonical = json.dumps(request.model_dump(mode="json", exclude_none=True), sort_keys=True)
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 class LipsyncClient:
+    """Submit and follow jobs from Python.
+
+    Without `settings`, it uses the environment (`LIPSYNC_*`), or, when that names no services
+    and `lipsync dev up` runs in the current folder, that local stack, as the CLI does.
+    """
+
     def __init__(self, settings: Settings | None = None) -> None:
+        if settings is None:
+            from producers.devenv import adopt_running_stack
+
+            if adopt_running_stack() is not None:
+                get_settings.cache_clear()
         self.settings = settings or get_settings()
+        from config.broker import broker_kind
+
+        broker_kind(self.settings.broker_url)  # a broker URL of another kind: one line, before any job exists
         self.redis = redis.Redis.from_url(self.settings.redis_url, socket_timeout=10, socket_connect_timeout=5)
         self.store = JobStore(self.redis, self.settings.key_prefix)
 
     @cached_property
     def storage(self) -> Storage:
-        return Storage(self.settings)
+        from lipsync.checks import bucket_problem
+
+        storage = Storage(self.settings)
+        # Once, before the first upload: a missing bucket is one line, not boto3's traceback.
+        problem = bucket_problem(storage)
+        if problem is not None:
+            raise LipsyncError(problem, code="misconfigured")
+        return storage
 
     @cached_property
     def fetcher(self) -> GuardedFetcher:
@@ -62,7 +101,11 @@ class LipsyncClient:
 
         from config.celery import celery_config
 
-        return Celery("lipsync-producer", config_source=celery_config(self.settings), set_as_current=False)
+        # No task-sent events from producers: Flower labels its series by the sender's node name,
+        # and every producer process has its own (gen<pid>@host), so its series would grow
+        # without bound. The job record keeps when each job was queued.
+        config = {**celery_config(self.settings), "task_send_sent_event": False}
+        return Celery("lipsync-producer", config_source=config, set_as_current=False)
 
     # submit ----------------------------------------------------------------
     def build_request(
@@ -146,7 +189,10 @@ class LipsyncClient:
         )
         job, created = self.store.create(job, dispatch_lease_s=self.settings.transfer_lease_s)
         if created:
-            self._send("stage", job.id)
+            try:
+                self._send("stage", job.id)
+            except (KombuError, OSError) as exc:
+                raise BrokerUnavailable(job, f"{type(exc).__name__}: {exc}", self.settings.transfer_lease_s) from None
         return job
 
     def _send(self, task: str, job_id: str) -> None:

@@ -122,14 +122,20 @@ def submit(
     options = _json_object("--options", options_json)
     metadata = _json_object("--metadata", metadata_json)
     client = _client()
-    job = client.submit(
-        video,
-        audio,
-        sync_mode=sync_mode,
-        options=options,
-        idempotency_key=idempotency_key,
-        metadata={str(k): str(v) for k, v in (metadata or {}).items()},
-    )
+    from producers.api import BrokerUnavailable
+
+    try:
+        job = client.submit(
+            video,
+            audio,
+            sync_mode=sync_mode,
+            options=options,
+            idempotency_key=idempotency_key,
+            metadata={str(k): str(v) for k, v in (metadata or {}).items()},
+        )
+    except BrokerUnavailable as exc:  # recorded: it runs when the broker is back; say so, once
+        console.print(f"[yellow]warning:[/yellow] {exc.message}", highlight=False)
+        job = exc.job
     if not wait:
         if as_json:
             _print_job(job, True)
