@@ -202,6 +202,21 @@ class LipsyncClient:
         self._celery.send_task(f"lipsync.{task}", args=[job_id], queue=QUEUE_OF[task])
 
     # read --------------------------------------------------------------------
+    def resolve_id(self, job_id_or_prefix: str) -> str:
+        """The job id itself, or the one job whose id starts with this prefix (as git does)."""
+        job_id = job_id_or_prefix.strip().lower()
+        if self.redis.exists(self.store.job_key(job_id)) or not (4 <= len(job_id) < 32) or not job_id.isalnum():
+            return job_id
+        found = {
+            key.decode().split(":job:", 1)[1]
+            for key in self.redis.scan_iter(match=self.store.job_key(job_id) + "*", count=1000)
+        }
+        found = {candidate for candidate in found if ":" not in candidate}  # not the event streams
+        if len(found) > 1:
+            shown = ", ".join(sorted(found)[:3])
+            raise InvalidInput(f"the prefix {job_id!r} matches {len(found)} jobs ({shown}…); give more of the id")
+        return found.pop() if found else job_id
+
     def get(self, job_id: str, *, presign: bool = True) -> Job:
         job = self.store.get(job_id)
         if presign and job.output is not None and job.status is JobStatus.completed:
