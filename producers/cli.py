@@ -139,7 +139,7 @@ def submit(
             sync_mode=sync_mode,
             options=options,
             idempotency_key=idempotency_key,
-            metadata={str(k): str(v) for k, v in (metadata or {}).items()},
+            metadata=_metadata(metadata),
         )
     except BrokerUnavailable as exc:  # recorded: it runs when the broker is back; say so, once
         console.print(f"[yellow]warning:[/yellow] {exc.message}", highlight=False)
@@ -160,6 +160,15 @@ def submit(
         )
         sys.exit(EXIT_TIMED_OUT)
     sys.exit(0 if job.status is JobStatus.completed else 1)
+
+
+def _metadata(metadata: dict[str, Any] | None) -> dict[str, str]:
+    from producers.batch import metadata_strings
+
+    try:
+        return metadata_strings(metadata or {}, "--metadata")
+    except ValueError as exc:
+        raise LipsyncError(str(exc)) from None
 
 
 def _json_object(flag: str, text: str | None) -> dict[str, Any] | None:
@@ -189,6 +198,12 @@ def batch(manifest: Path, no_wait: bool, timeout: float | None, as_json: bool) -
     for error in submission.errors:
         console.print(f"[red]line {error.line}:[/red] {error.message}", highlight=False)
     console.print(f"batch {submission.batch_id}: {len(submission.jobs)} jobs submitted")
+    if submission.broker_down is not None:
+        console.print(
+            f"[yellow]warning:[/yellow] the broker is unreachable: these jobs are recorded and start by themselves "
+            f"once it is back; do not submit them again ({submission.broker_down.message.split(';')[0]})",
+            highlight=False,
+        )
     if no_wait or not submission.jobs:
         sys.exit(1 if submission.errors else 0)
     jobs = follow(client, [job.id for _, job in submission.jobs], timeout)
