@@ -378,7 +378,7 @@ def worker(ctx: click.Context, queues: str, concurrency: int | None, pool: str |
     )
 
 
-@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True}, add_help_option=False)
 @click.pass_context
 def emulator(ctx: click.Context) -> None:
     """Run the local fal queue emulator (`lipsync emulator --help` for its flags)."""
