@@ -409,8 +409,13 @@ def serve(host: str, port: int, workers: int, log_level: str) -> None:
     """Run the HTTP gateway: jobs and batches for tenants, fal webhooks in (docs/gateway.md)."""
     import uvicorn
 
+    from config.logging import configure_logging
+    from config.settings import get_settings
+
+    configure_logging(get_settings())  # LIPSYNC_LOG_JSON: uvicorn's lines too, not its own format
     uvicorn.run(
         "producers.gateway:create_app",
+        log_config=None,
         factory=True,
         host=host,
         port=port,

@@ -24,7 +24,8 @@ PREFIX = "rabbit"
 def rabbit_env(stack_env: dict[str, str]) -> Iterator[dict[str, str]]:
     # Its own key prefix: the session's Redis-broker workers must not dispatch these jobs.
     with private_vhost() as url:
-        yield {**stack_env, "LIPSYNC_BROKER_URL": url, "LIPSYNC_KEY_PREFIX": PREFIX}
+        # JSON logs here, so the batch below also checks that every worker line is one JSON object.
+        yield {**stack_env, "LIPSYNC_BROKER_URL": url, "LIPSYNC_KEY_PREFIX": PREFIX, "LIPSYNC_LOG_JSON": "true"}
 
 
 @pytest.fixture(scope="module")
@@ -73,3 +74,15 @@ def test_rabbitmq_carries_a_batch_to_completion(
     assert types.get("transfer") == "quorum" and types.get("api") == "quorum", types
     assert "Unrecoverable error" not in rabbit_workers.logs()
 
+
+def test_worker_logs_in_json_mode_are_json_and_celerys_task_lines_name_the_job(
+    rabbit_env: dict[str, str], rabbit_workers: Workers, client: object
+) -> None:
+    lines = [line for line in rabbit_workers.logs().splitlines() if line.strip()]
+    not_json = [line for line in lines if not line.startswith("{")]
+    assert not_json == [], not_json[:5]  # no banner, no bare warnings
+    entries = [json.loads(line) for line in lines]
+    received = [e for e in entries if e["logger"] == "celery.worker.strategy" and e["message"].endswith("received")]
+    succeeded = [e for e in entries if e["logger"] == "celery.app.trace" and "succeeded" in e["message"]]
+    assert received and succeeded, lines[:20]
+    assert all(len(e.get("job_id", "")) == 32 for e in received + succeeded), (received + succeeded)[:3]
