@@ -61,10 +61,10 @@ class RabbitStack:
 
 @pytest.fixture(scope="module")
 def rabbit_stack(chaos_stack: ChaosStack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RabbitStack]:
-    rabbit = PrivateRabbit(tmp_path_factory.mktemp("rabbitmq-node"))
-    rabbit.start()
+    rabbit = PrivateRabbit()
     stack = RabbitStack(chaos_stack, rabbit, tmp_path_factory.mktemp("rabbit-chaos-logs"))
     try:
+        rabbit.start()
         yield stack
     finally:
         for process in list(stack.workers.processes.values()):
