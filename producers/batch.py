@@ -148,6 +148,7 @@ def _read_csv(path: Path) -> tuple[list[BatchEntry], list[ManifestError]]:
 
 def submit_batch(client: LipsyncClient, path: Path) -> BatchSubmission:
     entries, errors = read_manifest(path)
+    client.redis.ping()  # the job store first: with Redis down, one error, not one per line after uploads
     batch_id = uuid.uuid4().hex[:12]
     jobs: list[tuple[BatchEntry, Job]] = []
     broker_down: BrokerUnavailable | None = None
@@ -167,6 +168,8 @@ def submit_batch(client: LipsyncClient, path: Path) -> BatchSubmission:
             broker_down = exc
             job = exc.job
         except LipsyncError as exc:
+            if exc.code == "misconfigured":  # not this line's fault: every line would say it
+                raise
             errors.append(ManifestError(entry.line, exc.message))
             continue
         jobs.append((entry, job))

@@ -20,7 +20,7 @@ from rich.table import Table
 from lipsync.errors import LipsyncError
 from lipsync.models import Job, JobStatus
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # an error is one line, whatever the width
 out = Console()
 F = TypeVar("F", bound=Callable[..., Any])
 # Exit statuses: 0 all completed, 1 a job failed or was cancelled, 2 an error said in one line

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -87,6 +88,8 @@ def test_lipsync_worker_starts_a_celery_worker_for_its_queue(stack_env: dict[str
         assert "ready." in text, text[-2000:]
         assert "lipsync.poll" in text and "lipsync.submit" in text  # the tasks it knows
         assert ".> api" in text  # the queue it consumes
+        # Its own node name, not celery@host: a second worker on this host would not clash.
+        assert re.search(r"api-[0-9a-f]{6}@", text) and "celery@" not in text, text[:2000]
     finally:
         process.terminate()
         process.wait(30)

@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from producers.devstack import free_port
 from tests.fixtures.cli import lipsync
 
@@ -103,3 +105,23 @@ def test_a_broker_url_of_another_kind_is_one_line(stack_env: dict[str, str]) -> 
     assert result.returncode == 2, result.stderr
     assert "LIPSYNC_BROKER_URL must start with redis:// or amqp://" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "args",
+    [("status", "abc"), ("jobs",), ("wait", "abcdef"), ("cancel", "abc"), ("retry", "abc"), ("stats",),
+     ("tenants", "list"), ("batch", "manifest.jsonl")],
+)  # fmt: skip
+def test_every_command_with_redis_down_says_so_in_one_line(args: tuple[str, ...], tmp_path: Path) -> None:
+    (tmp_path / "manifest.jsonl").write_text(
+        '{"video": "https://example.com/a.mp4", "audio": "https://example.com/a.wav"}\n'
+    )
+    down = f"redis://127.0.0.1:{free_port()}/0"
+    # COLUMNS as a narrow terminal's: the error must still be one line.
+    s3_down = f"http://127.0.0.1:{free_port()}"
+    env = {"LIPSYNC_REDIS_URL": down, "LIPSYNC_BROKER_URL": down, "LIPSYNC_S3_ENDPOINT_URL": s3_down, "COLUMNS": "60"}
+    env |= {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
+    result = lipsync(env, *args, cwd=tmp_path, timeout=120)
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "cannot reach Redis" in lines[0], result.stderr
