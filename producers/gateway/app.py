@@ -100,7 +100,8 @@ class Gateway:
     def build(cls, settings: Settings) -> Gateway:
         client = LipsyncClient(settings)
         ctx = build_context(settings)
-        celery = Celery("lipsync-gateway", config_source=celery_config(settings), set_as_current=False)
+        config = {**celery_config(settings), "task_send_sent_event": False}  # no Flower series per process
+        celery = Celery("lipsync-gateway", config_source=config, set_as_current=False)
 
         def send_store(job_id: str) -> None:
             celery.send_task("lipsync.store", args=[job_id], queue=QUEUE_OF["store"])
