@@ -76,17 +76,22 @@ class LipsyncClient:
         broker_kind(self.settings.broker_url)  # a broker URL of another kind: one line, before any job exists
         self.redis = redis.Redis.from_url(self.settings.redis_url, socket_timeout=10, socket_connect_timeout=5)
         self.store = JobStore(self.redis, self.settings.key_prefix)
+        self._bucket_ok = False
 
     @cached_property
     def storage(self) -> Storage:
+        return Storage(self.settings)
+
+    def _require_bucket(self) -> None:
+        """Once per client, before the first upload: a missing bucket is one line, not boto3's traceback."""
+        if self._bucket_ok:
+            return
         from lipsync.checks import bucket_problem
 
-        storage = Storage(self.settings)
-        # Once, before the first upload: a missing bucket is one line, not boto3's traceback.
-        problem = bucket_problem(storage)
+        problem = bucket_problem(self.storage)
         if problem is not None:
             raise LipsyncError(problem, code="misconfigured")
-        return storage
+        self._bucket_ok = True
 
     @cached_property
     def fetcher(self) -> GuardedFetcher:
@@ -124,6 +129,7 @@ class LipsyncClient:
         if options is not None:
             fields["options"] = options
         self._validate(fields)  # options errors first: before uploading anything
+        self._require_bucket()
         for role, source in (("video", video), ("audio", audio)):
             fields[f"{role}_url"] = resolve_source(
                 role,

@@ -145,25 +145,11 @@ def up(home: Path = DEFAULT_DIR, latency: str = "1-3") -> tuple[DevState, bool]:
             started_at=time.time(),
         )
         state.save(home)
-        _ensure_bucket(stack.env)
     except BaseException:
         stack.stop()
         (home / "state.json").unlink(missing_ok=True)
         raise
     return state, True
-
-
-def _ensure_bucket(env: dict[str, str]) -> None:
-    from config.settings import Settings
-    from lipsync.storage import Storage
-
-    saved = dict(os.environ)
-    os.environ.update(env)
-    try:
-        Storage(Settings()).ensure_bucket()
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
 
 
 def down(home: Path = DEFAULT_DIR, timeout: float = 20.0) -> list[str]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 
 import redis
 
@@ -45,6 +46,9 @@ def check_redis(settings: Settings) -> list[str]:
     return warnings
 
 
+BUCKET_GRACE_S = 20.0
+
+
 class WorkerMisconfigured(SystemExit):
     """The worker cannot do any job as configured: it stops before taking one (exit status 78)."""
 
@@ -54,7 +58,13 @@ def check_worker(settings: Settings) -> list[str]:
     from lipsync.checks import bucket_problem, fal_key_problem
     from lipsync.storage import Storage
 
-    problems = [fal_key_problem(settings), bucket_problem(Storage(settings, max_attempts=2))]
+    storage = Storage(settings, max_attempts=2)
+    # A bucket made by the same deployment a moment after the workers start (an init job, a
+    # test fixture) is not a misconfiguration: wait a little for it before refusing.
+    deadline = time.monotonic() + BUCKET_GRACE_S
+    while (missing := bucket_problem(storage)) is not None and time.monotonic() < deadline:
+        time.sleep(1.0)
+    problems = [fal_key_problem(settings), missing]
     return [problem for problem in problems if problem]
 
 
