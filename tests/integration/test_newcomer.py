@@ -43,3 +43,27 @@ def test_the_emulator_stopped_with_sigterm_removes_its_temp_folder(tmp_path: Pat
     while list(temp.iterdir()) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert list(temp.iterdir()) == []
+
+
+def test_dev_up_on_a_stack_with_a_dead_process_repairs_it_and_says_so(tmp_path: Path) -> None:
+    from producers.devenv import DevState
+
+    home = tmp_path / "dev"
+    up = lipsync({}, "dev", "up", "--dir", str(home), "--latency", "0.3", cwd=tmp_path, timeout=120)
+    assert up.returncode == 0, up.stderr
+    try:
+        state = DevState.load(home)
+        assert state is not None
+        worker = next(process for process in state.processes if process.name == "worker-api")
+        os.killpg(worker.pid, signal.SIGKILL)  # as the OOM killer would
+        deadline = time.monotonic() + 10
+        while worker.alive and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert lipsync({}, "dev", "status", "--dir", str(home), cwd=tmp_path).returncode == 1
+
+        again = lipsync({}, "dev", "up", "--dir", str(home), "--latency", "0.3", cwd=tmp_path, timeout=120)
+        assert again.returncode == 0, again.stderr
+        assert "had lost worker-api" in again.stderr and "already running" not in again.stderr, again.stderr
+        assert lipsync({}, "dev", "status", "--dir", str(home), cwd=tmp_path).returncode == 0
+    finally:
+        lipsync({}, "dev", "down", "--dir", str(home), cwd=tmp_path)
