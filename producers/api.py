@@ -46,8 +46,9 @@ class BrokerUnavailable(LipsyncError):
 
     def __init__(self, job: Job, reason: str, retry_within_s: float) -> None:
         super().__init__(
-            f"the broker is unreachable ({reason}); job {job.id} is recorded and starts by itself "
-            f"once the broker is back (at the latest {retry_within_s:.0f} s after that): do not submit it again"
+            f"the broker is unreachable ({reason}); job {job.id} is recorded and starts by itself once the "
+            f"broker is back (the schedule sends it from {retry_within_s:.0f} s after submit on): "
+            "do not submit it again"
         )
         self.job = job
 
