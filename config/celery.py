@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from config.broker import broker_options
 from config.settings import Settings
 
 TASK_QUEUES = ("transfer", "api")
@@ -31,7 +32,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     # Every transfer may take long (a 2 GB download): its hard limit covers fetch + upload.
     transfer_limit = int(settings.fetch_timeout_s * 2 + 600)
     return {
-        "broker_url": settings.broker_url,
+        # broker_url, the transport and its options, by the URL's scheme (Redis or RabbitMQ).
+        **broker_options(settings),
         # Task results are not used: the job record is the result. No backend, no result keys.
         "result_backend": None,
         "task_ignore_result": True,
@@ -52,21 +54,6 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_reject_on_worker_lost": True,
         # One message reserved per process: a long transfer must not sit on others' work.
         "worker_prefetch_multiplier": 1,
-        # Unacked messages come back after this long on Redis. Longer than the longest task,
-        # so a slow transfer is not run twice; a crashed worker's job is picked up much
-        # sooner by the durable schedule (its lease lapses in poll_lease_s/transfer_lease_s).
-        "broker_transport_options": {
-            "visibility_timeout": max(3600, transfer_limit * 2),
-            "socket_timeout": 10,
-            "socket_connect_timeout": 5,
-            "health_check_interval": 30,
-        },
-        # kombu's Redis transport with a fix for a Redis restart that otherwise ends the
-        # worker ("Unrecoverable error" while handing back unacked messages): see workers.broker.
-        "broker_transport": "workers.broker:Transport",
-        "broker_connection_retry_on_startup": True,
-        "broker_connection_max_retries": None,  # ride out a Redis restart instead of exiting
-        "broker_pool_limit": 20,
         # Time limits: api tasks are single HTTP calls; transfer tasks move media.
         "task_annotations": {
             "lipsync.submit": {"time_limit": 120, "soft_time_limit": 90},

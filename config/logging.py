@@ -13,6 +13,7 @@ import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from config.settings import Settings
 
@@ -40,13 +41,25 @@ def bind_request_id(job_id: str, request_id: str) -> None:
         _REQUEST_ID.set(request_id)
 
 
+# Celery's own "Task lipsync.stage[<task id>] received/succeeded" lines name the task, not the
+# job: the job id is the task's only argument, which Celery passes along in the record's args.
+_JOB_ID_IN_ARGS = re.compile(r"\b([0-9a-f]{32})\b")
+
+
 class JobContextFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if getattr(record, "job_id", None) is None:
-            record.job_id = _JOB_ID.get()
+            record.job_id = _JOB_ID.get() or _celery_task_job_id(record)
         if getattr(record, "request_id", None) is None:
             record.request_id = _REQUEST_ID.get()
         return True
+
+
+def _celery_task_job_id(record: logging.LogRecord) -> str | None:
+    if not record.name.startswith("celery.") or not isinstance(record.args, dict):
+        return None
+    found = _JOB_ID_IN_ARGS.search(str(record.args.get("args", "")))
+    return found.group(1) if found else None
 
 
 class TextFormatter(logging.Formatter):
@@ -104,10 +117,37 @@ def configure_logging(settings: Settings) -> None:
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(TextFormatter("%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"))
+    handler.addFilter(JobContextFilter())  # first: it reads the record's args, which redaction folds in
     handler.addFilter(RedactingFilter([settings.fal_key.get_secret_value()]))
-    handler.addFilter(JobContextFilter())
     root = logging.getLogger()
     root.handlers = [handler]
     root.setLevel(settings.log_level.upper())
     for noisy in ("botocore", "boto3", "urllib3", "httpx", "httpcore", "s3transfer"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # Python warnings (Celery's SecurityWarning, deprecations) as log lines too: one format.
+    logging.captureWarnings(True)
+    # uvicorn's loggers carry their own handlers; through the root they get this one format.
+    for server in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        logging.getLogger(server).handlers = []
+        logging.getLogger(server).propagate = True
+
+
+def _on_celeryd_init(instance: Any = None, **_: Any) -> None:
+    """Before a worker prints anything: set up logging, and in JSON mode no banner on stdout."""
+    from config.settings import get_settings
+
+    settings = get_settings()
+    configure_logging(settings)
+    if settings.log_json and instance is not None:
+        instance.quiet = True
+
+
+def _connect_to_celery() -> None:
+    try:
+        from celery.signals import celeryd_init
+    except ImportError:  # a producer-only install
+        return
+    celeryd_init.connect(_on_celeryd_init, weak=False)
+
+
+_connect_to_celery()

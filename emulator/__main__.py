@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import shutil
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -81,6 +82,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"emulator certificate: {cert}", flush=True)
     logging.basicConfig(level=options.log_level.upper())
     app = build_app(Emulator(config, faults, data_dir))
+    # uvicorn handles SIGTERM itself, then raises it again once stopped; with the default
+    # handler that would end the process before the `finally` below removed the data folder.
+    signal.signal(signal.SIGTERM, _exit_quietly)
     try:
         uvicorn.run(
             app, host=options.host, port=options.port, log_level=options.log_level,
@@ -89,6 +93,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     finally:
         if options.data_dir is None:  # a folder of our own making: outputs go with the server
             shutil.rmtree(data_dir, ignore_errors=True)
+
+
+def _exit_quietly(signum: int, _frame: object) -> None:
+    sys.exit(128 + signum)
 
 
 if __name__ == "__main__":

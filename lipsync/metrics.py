@@ -197,3 +197,40 @@ def serve(store: JobStore, port: int, address: str = "127.0.0.1", multiprocess_p
     start_http_server(port, addr=address, registry=registry)
     if multiprocess_path is not None:
         prepare_multiprocess_dir(multiprocess_path)
+
+
+# The gateway's HTTP requests (`lipsync serve`): counts and latency per route template, never per
+# raw path, so job ids do not become series.
+class RequestMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        kwargs: dict[str, Any] = {} if registry is None else {"registry": registry}
+        self.requests = Counter(
+            "lipsync_gateway_requests", "HTTP requests answered by the gateway", ["method", "route", "status"], **kwargs
+        )
+        self.seconds = Histogram(
+            "lipsync_gateway_request_seconds",
+            "Time to answer an HTTP request",
+            ["method", "route"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            **kwargs,
+        )
+
+
+@cache
+def request_metrics() -> RequestMetrics:
+    return RequestMetrics()
+
+
+async def observe_request(request: Any, call_next: Any) -> Any:
+    """Starlette HTTP middleware: `app.middleware("http")(observe_request)`."""
+    started = time.perf_counter()
+    status = 500
+    try:
+        response = await call_next(request)
+        status = response.status_code
+        return response
+    finally:
+        route = getattr(request.scope.get("route"), "path", None) or "unmatched"
+        metrics = request_metrics()
+        metrics.requests.labels(request.method, route, str(status)).inc()
+        metrics.seconds.labels(request.method, route).observe(time.perf_counter() - started)

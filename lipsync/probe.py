@@ -34,13 +34,17 @@ class ProbeResult:
         return self.audio_codec is not None
 
 
-def probe(path: str) -> ProbeResult:
+def probe(path: str, role: str | None = None) -> ProbeResult:
+    """What the media is; `role` ("video", "audio") names the input in the error, if any."""
+    subject = f"the {role} input" if role else "the file"
     try:
         with av.open(path, metadata_errors="ignore") as container:
             return _probe(container)
     except av.FFmpegError as exc:
         reason = getattr(exc, "strerror", None) or type(exc).__name__
-        raise InvalidInput(f"the file is not a readable audio or video file ({reason})") from None
+        raise InvalidInput(f"{subject} is not a readable audio or video file ({reason})") from None
+    except InvalidInput as exc:
+        raise InvalidInput(exc.message.replace("the file", subject, 1)) from None
 
 
 def _probe(container: av.container.InputContainer) -> ProbeResult:

@@ -17,10 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import redis
+from kombu.exceptions import KombuError
 from pydantic import ValidationError
 
 from config.settings import Settings, get_settings
-from lipsync.errors import InvalidInput, InvalidTransition
+from lipsync.errors import InvalidInput, InvalidTransition, LipsyncError
 from lipsync.fal import FalQueueClient
 from lipsync.fetcher import GuardedFetcher
 from lipsync.jobstore import JobStore
@@ -34,20 +35,64 @@ log = logging.getLogger("lipsync.producer")
 _RETRY_CLEARS = ["fal", "error", "output", "submit_claimed_at", "logs", "lease_owner", "lease_until"]
 
 
+class BrokerUnavailable(LipsyncError):
+    """The job is recorded but its first message could not be sent: it starts when the broker is back.
+
+    Its schedule entry comes due after `transfer_lease_s` and a worker's dispatcher sends it then,
+    so the job runs once without a resubmit (which would pay twice).
+    """
+
+    code = "broker_unavailable"
+
+    def __init__(self, job: Job, reason: str, retry_within_s: float) -> None:
+        super().__init__(
+            f"the broker is unreachable ({reason}); job {job.id} is recorded and starts by itself once the "
+            f"broker is back (the schedule sends it from {retry_within_s:.0f} s after submit on): "
+            "do not submit it again"
+        )
+        self.job = job
+
+
 def request_digest(request: LipsyncInput) -> str:
     canonical = json.dumps(request.model_dump(mode="json", exclude_none=True), sort_keys=True)
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 class LipsyncClient:
+    """Submit and follow jobs from Python.
+
+    Without `settings`, it uses the environment (`LIPSYNC_*`), or, when that names no services
+    and `lipsync dev up` runs in the current folder, that local stack, as the CLI does.
+    """
+
     def __init__(self, settings: Settings | None = None) -> None:
+        if settings is None:
+            from producers.devenv import adopt_running_stack
+
+            if adopt_running_stack() is not None:
+                get_settings.cache_clear()
         self.settings = settings or get_settings()
+        from config.broker import broker_kind
+
+        broker_kind(self.settings.broker_url)  # a broker URL of another kind: one line, before any job exists
         self.redis = redis.Redis.from_url(self.settings.redis_url, socket_timeout=10, socket_connect_timeout=5)
         self.store = JobStore(self.redis, self.settings.key_prefix)
+        self._bucket_ok = False
 
     @cached_property
     def storage(self) -> Storage:
         return Storage(self.settings)
+
+    def _require_bucket(self) -> None:
+        """Once per client, before the first upload: a missing bucket is one line, not boto3's traceback."""
+        if self._bucket_ok:
+            return
+        from lipsync.checks import bucket_problem
+
+        problem = bucket_problem(self.storage)
+        if problem is not None:
+            raise LipsyncError(problem, code="misconfigured")
+        self._bucket_ok = True
 
     @cached_property
     def fetcher(self) -> GuardedFetcher:
@@ -62,7 +107,11 @@ class LipsyncClient:
 
         from config.celery import celery_config
 
-        return Celery("lipsync-producer", config_source=celery_config(self.settings), set_as_current=False)
+        # No task-sent events from producers: Flower labels its series by the sender's node name,
+        # and every producer process has its own (gen<pid>@host), so its series would grow
+        # without bound. The job record keeps when each job was queued.
+        config = {**celery_config(self.settings), "task_send_sent_event": False}
+        return Celery("lipsync-producer", config_source=config, set_as_current=False)
 
     # submit ----------------------------------------------------------------
     def build_request(
@@ -81,6 +130,7 @@ class LipsyncClient:
         if options is not None:
             fields["options"] = options
         self._validate(fields)  # options errors first: before uploading anything
+        self._require_bucket()
         for role, source in (("video", video), ("audio", audio)):
             fields[f"{role}_url"] = resolve_source(
                 role,
@@ -151,7 +201,10 @@ class LipsyncClient:
         )
         job, created = self.store.create(job, dispatch_lease_s=self.settings.transfer_lease_s)
         if created:
-            self._send("stage", job.id)
+            try:
+                self._send("stage", job.id)
+            except (KombuError, OSError) as exc:
+                raise BrokerUnavailable(job, f"{type(exc).__name__}: {exc}", self.settings.transfer_lease_s) from None
         return job
 
     def _send(self, task: str, job_id: str) -> None:
@@ -161,6 +214,21 @@ class LipsyncClient:
         self._celery.send_task(f"lipsync.{task}", args=[job_id], queue=QUEUE_OF[task])
 
     # read --------------------------------------------------------------------
+    def resolve_id(self, job_id_or_prefix: str) -> str:
+        """The job id itself, or the one job whose id starts with this prefix (as git does)."""
+        job_id = job_id_or_prefix.strip().lower()
+        if self.redis.exists(self.store.job_key(job_id)) or not (4 <= len(job_id) < 32) or not job_id.isalnum():
+            return job_id
+        found = {
+            key.decode().split(":job:", 1)[1]
+            for key in self.redis.scan_iter(match=self.store.job_key(job_id) + "*", count=1000)
+        }
+        found = {candidate for candidate in found if ":" not in candidate}  # not the event streams
+        if len(found) > 1:
+            shown = ", ".join(sorted(found)[:3])
+            raise InvalidInput(f"the prefix {job_id!r} matches {len(found)} jobs ({shown}…); give more of the id")
+        return found.pop() if found else job_id
+
     def get(self, job_id: str, *, presign: bool = True) -> Job:
         job = self.store.get(job_id)
         if presign and job.output is not None and job.status is JobStatus.completed:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import secrets
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -18,9 +20,15 @@ from rich.table import Table
 from lipsync.errors import LipsyncError
 from lipsync.models import FalPriority, Job, JobStatus
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # an error is one line, whatever the width
 out = Console()
 F = TypeVar("F", bound=Callable[..., Any])
+# Exit statuses: 0 all completed, 1 a job failed or was cancelled, 2 an error said in one line
+# (bad input, a service down, misconfiguration), 3 gave up waiting (--timeout) with jobs still running.
+EXIT_TIMED_OUT = 3
+# `lipsync worker -Q api` serves its metrics here unless LIPSYNC_METRICS_PORT says otherwise, so it
+# and a `-Q transfer` worker (the settings' 9808) can run side by side on one host.
+DEFAULT_API_METRICS_PORT = 9809
 
 
 def _client() -> Any:
@@ -125,15 +133,21 @@ def submit(
     options = _json_object("--options", options_json)
     metadata = _json_object("--metadata", metadata_json)
     client = _client()
-    job = client.submit(
-        video,
-        audio,
-        sync_mode=sync_mode,
-        options=options,
-        idempotency_key=idempotency_key,
-        metadata={str(k): str(v) for k, v in (metadata or {}).items()},
-        fal_priority=FalPriority.low if low_priority else None,
-    )
+    from producers.api import BrokerUnavailable
+
+    try:
+        job = client.submit(
+            video,
+            audio,
+            sync_mode=sync_mode,
+            options=options,
+            idempotency_key=idempotency_key,
+            metadata=_metadata(metadata),
+            fal_priority=FalPriority.low if low_priority else None,
+        )
+    except BrokerUnavailable as exc:  # recorded: it runs when the broker is back; say so, once
+        console.print(f"[yellow]warning:[/yellow] {exc.message}", highlight=False)
+        job = exc.job
     if not wait:
         if as_json:
             _print_job(job, True)
@@ -142,7 +156,23 @@ def submit(
         return
     (job,) = client.wait([job.id], timeout_s=timeout)
     _print_job(job, as_json)
+    if not job.terminal:
+        console.print(
+            f"[yellow]timed out[/yellow] after {timeout or 0:g} s: job {job.id} is still {job.status.value}; "
+            f"follow it with `lipsync wait {job.id}`",
+            highlight=False,
+        )
+        sys.exit(EXIT_TIMED_OUT)
     sys.exit(0 if job.status is JobStatus.completed else 1)
+
+
+def _metadata(metadata: dict[str, Any] | None) -> dict[str, str]:
+    from producers.batch import metadata_strings
+
+    try:
+        return metadata_strings(metadata or {}, "--metadata")
+    except ValueError as exc:
+        raise LipsyncError(str(exc)) from None
 
 
 def _json_object(flag: str, text: str | None) -> dict[str, Any] | None:
@@ -172,6 +202,12 @@ def batch(manifest: Path, no_wait: bool, timeout: float | None, as_json: bool) -
     for error in submission.errors:
         console.print(f"[red]line {error.line}:[/red] {error.message}", highlight=False)
     console.print(f"batch {submission.batch_id}: {len(submission.jobs)} jobs submitted")
+    if submission.broker_down is not None:
+        console.print(
+            f"[yellow]warning:[/yellow] the broker is unreachable: these jobs are recorded and start by themselves "
+            f"once it is back; do not submit them again ({submission.broker_down.message.split(';')[0]})",
+            highlight=False,
+        )
     if no_wait or not submission.jobs:
         sys.exit(1 if submission.errors else 0)
     jobs = follow(client, [job.id for _, job in submission.jobs], timeout)
@@ -213,12 +249,15 @@ def summary_table(jobs: Sequence[Job]) -> Table:
     table = Table(title="lipsync jobs")
     for column in ("job", "sync mode", "video s", "audio s", "output s", "status", "time s", "cost", "output / error"):
         table.add_column(column)
+    for whole in table.columns:  # ids and statuses whole, also in a pipe (80 columns)
+        if whole.header in ("job", "status"):
+            whole.no_wrap, whole.min_width = True, 32 if whole.header == "job" else 9
     for job in jobs:
         video, audio = job.inputs.get("video"), job.inputs.get("audio")
         end = job.timestamps.get(job.status.value, job.updated_at)
         detail = job.output.url if job.output else (job.error.message if job.error else "")
         table.add_row(
-            job.id[:12],
+            job.id,
             job.request.effective_sync_mode.value,
             f"{video.duration:.2f}" if video else "",
             f"{audio.duration:.2f}" if audio else "",
@@ -238,8 +277,9 @@ def summary_table(jobs: Sequence[Job]) -> Table:
 @click.option("--json", "as_json", is_flag=True)
 @friendly_errors
 def status(job_id: str, as_json: bool) -> None:
-    """Show one job."""
-    _print_job(_client().get(job_id), as_json)
+    """Show one job (a unique prefix of its id will do)."""
+    client = _client()
+    _print_job(client.get(client.resolve_id(job_id)), as_json)
 
 
 @main.command()
@@ -250,12 +290,19 @@ def status(job_id: str, as_json: bool) -> None:
 def wait(job_ids: tuple[str, ...], timeout: float | None, as_json: bool) -> None:
     """Wait for jobs to end; exit 0 only if all completed."""
     client = _client()
+    job_ids = tuple(client.resolve_id(job_id) for job_id in job_ids)
     jobs = client.wait(list(job_ids), timeout_s=timeout) if as_json else follow(client, job_ids, timeout)
     if as_json:
         for job in jobs:
             out.print(json.dumps(job.public_dict()), soft_wrap=True)
     else:
         out.print(summary_table(jobs))
+    running = [job.id for job in jobs if not job.terminal]
+    if running:
+        console.print(
+            f"[yellow]timed out[/yellow] after {timeout or 0:g} s: {len(running)} job(s) still running", highlight=False
+        )
+        sys.exit(EXIT_TIMED_OUT)
     sys.exit(0 if all(job.status is JobStatus.completed for job in jobs) else 1)
 
 
@@ -264,7 +311,8 @@ def wait(job_ids: tuple[str, ...], timeout: float | None, as_json: bool) -> None
 @friendly_errors
 def cancel(job_id: str) -> None:
     """Cancel a job (and its fal request, if it has one)."""
-    job = _client().cancel(job_id)
+    client = _client()
+    job = client.cancel(client.resolve_id(job_id))
     out.print(f"{job.id} cancelled")
 
 
@@ -273,7 +321,8 @@ def cancel(job_id: str) -> None:
 @friendly_errors
 def retry(job_id: str) -> None:
     """Start a failed or cancelled job over."""
-    job = _client().retry(job_id)
+    client = _client()
+    job = client.retry(client.resolve_id(job_id))
     out.print(f"{job.id} queued again")
 
 
@@ -306,8 +355,15 @@ def worker(ctx: click.Context, queues: str, concurrency: int | None, pool: str |
     from config.settings import get_settings
     from workers.app import app
 
-    settings = get_settings()
     names = {q.strip() for q in queues.split(",") if q.strip()}
+    # Two workers started by hand on one host (-Q transfer, -Q api) must not both be celery@host
+    # nor both want the metrics port: a node name per worker, a default metrics port per queue.
+    if not any(arg in ("-n", "--hostname") or arg.startswith("--hostname=") for arg in ctx.args):
+        ctx.args.extend(["--hostname", f"{'-'.join(sorted(names))}-{secrets.token_hex(3)}@%h"])
+    if "LIPSYNC_METRICS_PORT" not in os.environ and names == {"api"}:
+        os.environ["LIPSYNC_METRICS_PORT"] = str(DEFAULT_API_METRICS_PORT)
+        get_settings.cache_clear()
+    settings = get_settings()
     if pool is None:
         pool = "threads" if names == {"api"} else "prefork"
     if concurrency is None:
@@ -328,7 +384,7 @@ def worker(ctx: click.Context, queues: str, concurrency: int | None, pool: str |
     )
 
 
-@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True}, add_help_option=False)
 @click.pass_context
 def emulator(ctx: click.Context) -> None:
     """Run the local fal queue emulator (`lipsync emulator --help` for its flags)."""
@@ -359,8 +415,13 @@ def serve(host: str, port: int, workers: int, log_level: str) -> None:
     """Run the HTTP gateway: jobs and batches for tenants, fal webhooks in (docs/gateway.md)."""
     import uvicorn
 
+    from config.logging import configure_logging
+    from config.settings import get_settings
+
+    configure_logging(get_settings())  # LIPSYNC_LOG_JSON: uvicorn's lines too, not its own format
     uvicorn.run(
         "producers.gateway:create_app",
+        log_config=None,
         factory=True,
         host=host,
         port=port,
@@ -488,9 +549,12 @@ _DEV_DIR = click.option(
 @click.option("--latency", default="1-3", show_default=True, help="emulator model latency, s")
 def dev_up(home: Path, latency: str) -> None:
     """Start the stack in the background; prints `export` lines: eval "$(lipsync dev up)"."""
-    from producers.devenv import exports, up
+    from producers.devenv import DevState, dead_processes, exports, up
 
+    dead = dead_processes(home) if DevState.load(home) is not None else []
     state, started = up(home, latency)
+    if dead:
+        console.print(f"the local stack had lost {', '.join(dead)}: stopped the rest and started it anew")
     console.print("local stack " + ("started" if started else "already running") + f"; logs in {state.logdir}/")
     console.print(f"Flower: {state.flower_url}\nworker metrics: {' '.join(state.metrics_urls)}", highlight=False)
     console.print(

@@ -106,16 +106,28 @@ def adopt_running_stack(home: Path = DEFAULT_DIR) -> DevState | None:
     return state
 
 
+def dead_processes(home: Path = DEFAULT_DIR) -> list[str]:
+    """The processes of the recorded stack that are gone (empty when there is no stack)."""
+    try:
+        state = DevState.load(home)
+    except (OSError, ValueError, TypeError):
+        return []
+    return [process.name for process in state.processes if not process.alive] if state else []
+
+
 def exports(env: dict[str, str]) -> str:
     return "\n".join(f"export {name}={shlex.quote(value)}" for name, value in sorted(env.items()))
 
 
 def up(home: Path = DEFAULT_DIR, latency: str = "1-3") -> tuple[DevState, bool]:
-    """Start the stack unless it runs already. Returns (state, started now)."""
+    """Start the stack unless all of it runs already. Returns (state, started now).
+
+    A stack with a dead process (a worker killed, Redis gone) is stopped and started anew, so
+    `dev up` always leaves a whole stack: `dead_processes` tells which had gone."""
     state = DevState.load(home)
-    if state is not None and state.running:
+    if state is not None and state.processes and len(state.running) == len(state.processes):
         return state, False
-    if state is not None:  # leftovers of a stack that died: clear them first
+    if state is not None:  # a stack that died, wholly or in part: stop what is left, start anew
         down(home)
     stack = start_stack(home / "logs", emulator_args=("--latency", latency), redis_dir=home / "redis")
     try:
@@ -133,25 +145,11 @@ def up(home: Path = DEFAULT_DIR, latency: str = "1-3") -> tuple[DevState, bool]:
             started_at=time.time(),
         )
         state.save(home)
-        _ensure_bucket(stack.env)
     except BaseException:
         stack.stop()
         (home / "state.json").unlink(missing_ok=True)
         raise
     return state, True
-
-
-def _ensure_bucket(env: dict[str, str]) -> None:
-    from config.settings import Settings
-    from lipsync.storage import Storage
-
-    saved = dict(os.environ)
-    os.environ.update(env)
-    try:
-        Storage(Settings()).ensure_bucket()
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
 
 
 def down(home: Path = DEFAULT_DIR, timeout: float = 20.0) -> list[str]:

@@ -300,6 +300,20 @@ class LocalStack:
             shutil.rmtree(self.redis_dir, ignore_errors=True)
 
 
+def ensure_bucket(env: dict[str, str]) -> None:
+    """Create the stack's bucket, with the stack's settings and credentials (not this process's)."""
+    from config.settings import Settings
+    from lipsync.storage import Storage
+
+    saved = dict(os.environ)
+    os.environ.update(env)
+    try:
+        Storage(Settings()).ensure_bucket()
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
 def _log(logdir: Path, name: str) -> IO[bytes]:
     return (logdir / f"{name}.log").open("ab")
 
@@ -341,6 +355,8 @@ def start_stack(
             "LIPSYNC_ALLOW_PRIVATE_URLS": "127.0.0.1,localhost",
             "LIPSYNC_KEY_PREFIX": prefix or "lipsync",
         }
+        # Before the workers: a worker refuses to start without its bucket (workers.preflight).
+        ensure_bucket(stack.env)
         for spec in DEFAULT_WORKERS:
             port = free_port()
             worker_env = {**stack.env, "LIPSYNC_METRICS_PORT": str(port)}

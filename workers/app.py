@@ -27,6 +27,13 @@ _metrics_dir: Path | None = None
 
 
 @worker_init.connect
+def _refuse_to_start_misconfigured(**_: Any) -> None:
+    from workers.preflight import refuse_to_start_misconfigured
+
+    refuse_to_start_misconfigured(get_settings())
+
+
+@worker_init.connect
 def _serve_metrics(**_: Any) -> None:
     """Job metrics on http://METRICS_ADDRESS:METRICS_PORT/metrics, set up before the pool forks."""
     settings = get_settings()

@@ -1,12 +1,17 @@
-"""Checks at worker start that Redis is configured to keep what it acknowledged.
+"""Checks at worker start.
 
-Only warnings: managed Redis services may forbid CONFIG GET, and a development Redis may be
-set up differently on purpose. The reasons are in `config.celery`.
+- Misconfiguration that would fail every job (no `FAL_KEY` against the real fal, a bucket that
+  does not exist): the worker refuses to start, saying so in one line, before taking a job.
+- Redis configured to keep what it acknowledged: only warnings, as managed Redis services may
+  forbid CONFIG GET, and a development Redis may be set up differently on purpose. The reasons
+  are in `config.celery`.
 """
 
 from __future__ import annotations
 
 import logging
+import sys
+import time
 
 import redis
 
@@ -39,3 +44,36 @@ def check_redis(settings: Settings) -> list[str]:
     for warning in warnings:
         log.warning(warning)
     return warnings
+
+
+BUCKET_GRACE_S = 20.0
+
+
+class WorkerMisconfigured(SystemExit):
+    """The worker cannot do any job as configured: it stops before taking one (exit status 78)."""
+
+
+def check_worker(settings: Settings) -> list[str]:
+    """What makes every job fail as configured, each in one line; empty when the worker may start."""
+    from lipsync.checks import bucket_problem, fal_key_problem
+    from lipsync.storage import Storage
+
+    storage = Storage(settings, max_attempts=2)
+    # A bucket made by the same deployment a moment after the workers start (an init job, a
+    # test fixture) is not a misconfiguration: wait a little for it before refusing.
+    deadline = time.monotonic() + BUCKET_GRACE_S
+    while (missing := bucket_problem(storage)) is not None and time.monotonic() < deadline:
+        time.sleep(1.0)
+    problems = [fal_key_problem(settings), missing]
+    return [problem for problem in problems if problem]
+
+
+def refuse_to_start_misconfigured(settings: Settings) -> None:
+    """Connected to `worker_init` (`workers.app`): before the worker consumes anything."""
+    problems = check_worker(settings)
+    for problem in problems:
+        # Straight to stderr as well: logging may not be configured yet, and this is the one line
+        # an operator must see.
+        print(f"lipsync worker: cannot start: {problem}", file=sys.stderr, flush=True)
+    if problems:
+        raise WorkerMisconfigured(78)  # EX_CONFIG: a process manager should not restart it in a loop

@@ -79,7 +79,7 @@ def stage_input(
         fileobj.flush()
         if writer.size == 0:
             raise InvalidInput(f"the {role} input is empty (0 bytes)")
-        found = probe(path)
+        found = probe(path, role)
         validate(role, found, settings)
         staging_key = f"{settings.staging_prefix}/{writer.sha256}"
         if not storage.exists(staging_key):

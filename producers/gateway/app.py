@@ -28,6 +28,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from config.celery import celery_config
+from config.logging import configure_logging
 from config.settings import Settings, get_settings
 from lipsync.errors import (
     IdempotencyConflict,
@@ -40,6 +41,7 @@ from lipsync.errors import (
 )
 from lipsync.falhooks import JwksCache, WebhookRejected
 from lipsync.jobstore import JobStore
+from lipsync.metrics import observe_request
 from lipsync.models import Job, JobStatus, LipsyncInput
 from lipsync.public import PublicJob, public_job, tenant_idempotency_key
 from lipsync.storage import Storage, parse_s3_uri
@@ -98,7 +100,8 @@ class Gateway:
     def build(cls, settings: Settings) -> Gateway:
         client = LipsyncClient(settings)
         ctx = build_context(settings)
-        celery = Celery("lipsync-gateway", config_source=celery_config(settings), set_as_current=False)
+        config = {**celery_config(settings), "task_send_sent_event": False}  # no Flower series per process
+        celery = Celery("lipsync-gateway", config_source=config, set_as_current=False)
 
         def send_store(job_id: str) -> None:
             celery.send_task("lipsync.store", args=[job_id], queue=QUEUE_OF["store"])
@@ -178,6 +181,7 @@ GatewayDep = Annotated[Gateway, Depends(gateway_of)]
 def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        configure_logging(settings or get_settings())  # also in each process of `serve --workers N`
         gateway = Gateway.build(settings or get_settings())
         app.state.gateway = gateway
         try:
@@ -193,6 +197,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     limit = (settings or get_settings()).gateway_max_body_bytes
     app.add_middleware(BodySizeLimit, max_bytes=limit)
+    app.middleware("http")(observe_request)  # request counts and latency on /metrics (lipsync.metrics)
     _install_error_handlers(app)
     _add_job_routes(app)
     _add_batch_routes(app)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -87,6 +88,8 @@ def test_lipsync_worker_starts_a_celery_worker_for_its_queue(stack_env: dict[str
         assert "ready." in text, text[-2000:]
         assert "lipsync.poll" in text and "lipsync.submit" in text  # the tasks it knows
         assert ".> api" in text  # the queue it consumes
+        # Its own node name, not celery@host: a second worker on this host would not clash.
+        assert re.search(r"api-[0-9a-f]{6}@", text) and "celery@" not in text, text[:2000]
     finally:
         process.terminate()
         process.wait(30)
@@ -97,3 +100,25 @@ def test_celery_flower_command_refuses_to_run_without_auth(stack_env: dict[str, 
     env: dict[str, Any] = {**stack_env, "LIPSYNC_FLOWER_BASIC_AUTH": ""}
     result = lipsync(env, "flower", timeout=60)
     assert result.returncode != 0 and "LIPSYNC_FLOWER_BASIC_AUTH" in result.stderr
+
+
+def test_prefixes_full_ids_in_pipes_and_a_timeout_said_in_words(
+    stack_env: dict[str, str], media: dict[str, str]
+) -> None:
+    timed_out = lipsync(
+        stack_env, "submit", "--video", media["video_3s"], "--audio", media["audio_3s"], "--wait", "--timeout", "0.2"
+    )
+    assert timed_out.returncode == 3, timed_out.stderr
+    assert "timed out after 0.2 s" in timed_out.stderr and "lipsync wait" in timed_out.stderr
+    job_id = timed_out.stderr.split("job ", 1)[1].split()[0]
+    assert len(job_id) == 32
+
+    waited = lipsync(stack_env, "wait", job_id[:12], "--timeout", "120", "--json")
+    assert waited.returncode == 0 and json.loads(waited.stdout)["id"] == job_id, waited.stderr
+    status = lipsync(stack_env, "status", job_id[:12], "--json")
+    assert status.returncode == 0 and json.loads(status.stdout)["id"] == job_id, status.stderr
+
+    narrow = {**stack_env, "COLUMNS": "80"}  # what rich assumes in a pipe
+    listed = lipsync(narrow, "jobs", "--limit", "5")
+    assert listed.returncode == 0, listed.stderr
+    assert job_id in listed.stdout and "completed" in listed.stdout, listed.stdout

@@ -68,7 +68,8 @@ def test_each_service_command_is_a_real_lipsync_entry_point(name: str) -> None:
         env={**os.environ, "LIPSYNC_FLOWER_BASIC_AUTH": ""},
     )
     assert result.returncode == 0, result.stderr
-    assert "Usage: lipsync" in result.stdout
+    # `lipsync emulator --help` is the emulator's own help (argparse): its flags, not click's.
+    assert "Usage: lipsync" in result.stdout or result.stdout.startswith("usage: lipsync emulator")
 
 
 @pytest.mark.parametrize("name", sorted(our_services()))
@@ -98,6 +99,30 @@ def test_each_service_command_parses(name: str) -> None:
         parser().parse_args(args)
     else:
         pytest.fail(f"service {name} runs `lipsync {command}`, which this test does not know")
+
+
+def env_file(name: str) -> dict[str, str]:
+    lines = (ROOT / "deploy" / name).read_text().splitlines()
+    return dict(line.split("=", 1) for line in lines if line.strip() and not line.startswith("#"))
+
+
+def test_compose_talks_to_fal_by_default_and_to_the_emulator_or_rabbitmq_by_their_env_files() -> None:
+    from config.broker import broker_kind
+    from config.settings import Settings
+    from lipsync.checks import fal_key_problem
+
+    services = compose()["services"]
+    environment = services["worker-api"]["environment"]
+    default = {name: re.sub(r"\$\{[A-Z_]+:-(.*)\}", r"\1", value) for name, value in environment.items()}
+    # Without an env file: the real fal, and no key, so the worker refuses to start (README says so).
+    assert fal_key_problem(Settings(fal_queue_url=default["LIPSYNC_FAL_QUEUE_URL"], fal_key=default["FAL_KEY"]))
+    local = env_file("local.env")
+    assert local["LIPSYNC_FAL_QUEUE_URL"] == "http://emulator:8080" and services["emulator"]["profiles"] == ["local"]
+    assert fal_key_problem(Settings(fal_queue_url=local["LIPSYNC_FAL_QUEUE_URL"], fal_key=local["FAL_KEY"])) is None
+    rabbit = env_file("rabbitmq.env")["LIPSYNC_BROKER_URL"]
+    assert broker_kind(rabbit) == "amqp" and "@rabbitmq:5672/" in rabbit
+    assert services["rabbitmq"]["profiles"] == ["rabbitmq"] and services["rabbitmq"]["healthcheck"]
+    assert broker_kind(default["LIPSYNC_BROKER_URL"]) == "redis"
 
 
 def test_dockerfile_runs_lipsync_as_a_non_root_user() -> None:

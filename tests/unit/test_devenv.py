@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from producers.devenv import _CHOSEN, DevProcess, DevState, adopt_running_stack, process_start_time
+from producers.devenv import _CHOSEN, DevProcess, DevState, adopt_running_stack, dead_processes, process_start_time
 
 
 def write_state(home: Path, pid: int, started: str) -> None:
@@ -46,3 +46,31 @@ def test_a_stack_that_died_or_a_broken_state_file_is_ignored(tmp_path: Path) -> 
     assert adopt_running_stack(tmp_path) is None
     assert adopt_running_stack(tmp_path / "missing") is None
     assert "LIPSYNC_REDIS_URL" not in os.environ
+
+
+@pytest.mark.usefixtures("clean_env")
+def test_the_python_api_finds_the_dev_stack_as_the_cli_does(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from config.settings import get_settings
+    from producers.api import LipsyncClient
+
+    monkeypatch.chdir(tmp_path)
+    write_state(tmp_path / ".lipsync" / "dev", os.getpid(), process_start_time(os.getpid()))
+    get_settings.cache_clear()
+    try:
+        client = LipsyncClient()  # connects lazily: no Redis needed to read its settings
+        assert client.settings.redis_url == "redis://127.0.0.1:1/0"
+        assert client.settings.s3_bucket == "lipsync-local"
+        client.close()
+    finally:
+        for name in ("LIPSYNC_REDIS_URL", "LIPSYNC_S3_BUCKET"):
+            os.environ.pop(name, None)
+        get_settings.cache_clear()
+
+
+def test_a_stack_with_a_dead_process_is_reported_by_name(tmp_path: Path) -> None:
+    DevState(
+        env={},
+        processes=[DevProcess("redis", os.getpid(), process_start_time(os.getpid())), DevProcess("worker-api", 1, "x")],
+    ).save(tmp_path)
+    assert dead_processes(tmp_path) == ["worker-api"]
+    assert dead_processes(tmp_path / "missing") == []
