@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
+from emulator.account import account_id
 from emulator.control import EmulatorProcess, start_emulator
 
 APP = "fal-ai/sync-lipsync/v3"
@@ -324,3 +325,25 @@ def test_listing_pages_with_fals_cursor_and_shows_only_the_callers_requests(
     refused = fal.get("/v1/models/requests/by-endpoint", params={"limit": "5"})
     assert refused.status_code == 422 and "endpoint_id" in refused.text
     assert fal.get("/v1/models/requests/by-endpoint", params={"endpoint_id": APP, "limit": "101"}).status_code == 422
+
+
+def test_command_line_flags_start_a_locked_account_a_revoked_key_and_a_finished_only_listing(
+    pair: dict[str, str],
+) -> None:
+    server = start_emulator(
+        "--latency", "30", "--locked", "3600", "--revoked-keys", "revoked-key", "--listing-finished-only"
+    )  # fmt: skip
+    try:
+        with httpx.Client(base_url=server.url, timeout=30) as http:
+            refused = http.post(f"/{APP}", json=pair, headers={"Authorization": "Key some-key"})
+            assert refused.status_code == 403 and refused.json() == {"detail": LOCKED}
+            revoked = http.get("/v1/models/requests/by-endpoint", params={"endpoint_id": APP},
+                               headers={"Authorization": "Key revoked-key"})  # fmt: skip
+            assert revoked.status_code == 401
+            server.unlock()
+            running = http.post(f"/{APP}", json=pair, headers={"Authorization": "Key some-key"})
+            assert running.status_code == 200
+            assert server.list_requests("some-key", APP)["items"] == []  # not ended: not listed
+            assert server.counters()["accounts"][account_id("some-key")]["created"] == 1
+    finally:
+        server.stop()
