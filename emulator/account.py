@@ -102,6 +102,12 @@ class Accounts:
     """
 
     def __init__(self) -> None:
+        self.clear()
+
+    def clear(self) -> None:
+        """Forget every line, lock, revoked key and counter; requests still running keep their slots
+        (their tasks are being cancelled and give the slot back when they end)."""
+        running = {name: account.running for name, account in getattr(self, "by_name", {}).items()}
         self.by_name: dict[str, Account] = {}
         self.where: dict[str, str] = {}  # waiting request id -> account name
         self.locked_until: dict[str | None, float] = {}  # None = every key of the emulator
@@ -112,6 +118,9 @@ class Accounts:
         self.start_timeouts = 0
         self.locked_refusals = 0
         self.revoked_refusals = 0
+        for name, count in running.items():
+            self.get(name).running = count
+            self.running += count
 
     def get(self, name: str) -> Account:
         if name not in self.by_name:
@@ -163,9 +172,6 @@ class Accounts:
     def timed_out(self, name: str) -> None:
         self.get(name).start_timeouts += 1
         self.start_timeouts += 1
-
-    def clear(self) -> None:
-        self.__init__()  # type: ignore[misc]
 
     def __contains__(self, request_id: object) -> bool:
         return request_id in self.where

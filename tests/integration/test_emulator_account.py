@@ -167,6 +167,26 @@ def test_zero_concurrency_means_no_limit(
         cancel_all(fal, batch)
 
 
+def test_a_reset_while_requests_run_gives_no_account_extra_slots(
+    account_emulator: EmulatorProcess, client: Callable[[str], httpx.Client], new_key: Callable[[], str],
+    pair: dict[str, str], slow: None,
+) -> None:  # fmt: skip
+    account_emulator.configure(concurrency=1)
+    key = new_key()
+    fal = client(key)
+    first = submit(fal, pair)
+    until(lambda: status(fal, first)["status"] == "IN_PROGRESS", what="the first request to run")
+    account_emulator.reset()
+    until(lambda: account_emulator.counters()["in_progress"] == 0, what="the cancelled request to end")
+    batch = [submit(fal, pair) for _ in range(2)]
+    try:
+        until(lambda: status(fal, batch[0])["status"] == "IN_PROGRESS", what="the next request to run")
+        assert status(fal, batch[1])["status"] == "IN_QUEUE"
+        assert account_emulator.account(key)["in_progress"] == 1
+    finally:
+        cancel_all(fal, batch)
+
+
 # X-Fal-Request-Timeout -----------------------------------------------------------------------
 def test_request_not_started_within_its_timeout_ends_with_504_user_and_is_not_billed(
     account_emulator: EmulatorProcess, client: Callable[[str], httpx.Client], new_key: Callable[[], str],
