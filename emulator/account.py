@@ -205,7 +205,8 @@ class Accounts:
         self.locked_refusals += 1
         return True
 
-    def is_revoked(self, key: str) -> bool:
+    def refuse_revoked(self, key: str) -> bool:
+        """True (and counted) when this key was revoked: fal answers 401 to every call."""
         if key in self.revoked:
             self.revoked_refusals += 1
             return True

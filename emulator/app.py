@@ -428,7 +428,7 @@ def build_app(emulator: Emulator) -> Starlette:
             return _fal_json({"detail": "Missing or invalid Authorization header; expected 'Key <FAL_KEY>'"}, 401)
         if emulator.config.keys and key.strip() not in emulator.config.keys:
             return _fal_json({"detail": "Invalid key"}, 401)
-        if emulator.waiting.is_revoked(key.strip()):
+        if emulator.waiting.refuse_revoked(key.strip()):
             return _fal_json(REVOKED_BODY, 401)
         return None
 
