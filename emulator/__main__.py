@@ -25,7 +25,29 @@ def parser() -> argparse.ArgumentParser:
     cli.add_argument("--host", default="127.0.0.1")
     cli.add_argument("--port", type=int, default=8080)
     cli.add_argument("--latency", default="0", help="model latency in seconds: '2' or a range '1-3'")
-    cli.add_argument("--concurrency", type=int, default=4, help="requests IN_PROGRESS at once")
+    cli.add_argument(
+        "--concurrency",
+        type=int,
+        default=10,
+        help="requests IN_PROGRESS at once per fal key, as fal's account limit (2-40 by plan); the rest wait "
+        "IN_QUEUE, FIFO, low priority after normal; 0 = no limit",
+    )
+    cli.add_argument(
+        "--locked",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="start with the account locked: every submit answers fal's 403 'Exhausted balance' for this long "
+        "(POST /_admin/account/lock|unlock at run time)",
+    )
+    cli.add_argument(
+        "--revoked-keys", default="", help="comma-separated keys that answer 401, as a revoked fal key does"
+    )
+    cli.add_argument(
+        "--listing-finished-only",
+        action="store_true",
+        help="GET /v1/models/requests/by-endpoint lists only ended requests (fal's docs do not say which)",
+    )
     cli.add_argument(
         "--media-mode",
         choices=("encode", "copy"),
@@ -57,13 +79,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         config = Config(
             latency=parse_latency(options.latency),
-            concurrency=max(1, options.concurrency),
+            concurrency=max(0, options.concurrency),
             media_mode=options.media_mode,
             retention=options.retention,
             retention_large=options.retention_large,
             cdn_ttl=options.cdn_ttl,
             keys=frozenset(k for k in options.keys.split(",") if k),
             hang_seconds=options.hang_seconds,
+            listing_unfinished=not options.listing_finished_only,
         )
         faults = Faults()
         for item in options.fault:
@@ -81,7 +104,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         ssl = {"ssl_certfile": str(cert), "ssl_keyfile": str(key)}
         print(f"emulator certificate: {cert}", flush=True)
     logging.basicConfig(level=options.log_level.upper())
-    app = build_app(Emulator(config, faults, data_dir))
+    emulator = Emulator(config, faults, data_dir)
+    if options.locked > 0:
+        emulator.waiting.lock(options.locked)
+    emulator.waiting.revoked.update(k for k in options.revoked_keys.split(",") if k)
+    app = build_app(emulator)
     # uvicorn handles SIGTERM itself, then raises it again once stopped; with the default
     # handler that would end the process before the `finally` below removed the data folder.
     signal.signal(signal.SIGTERM, _exit_quietly)

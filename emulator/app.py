@@ -11,7 +11,6 @@ import asyncio
 import base64
 import binascii
 import contextlib
-import itertools
 import json
 import os
 import random
@@ -20,8 +19,7 @@ import tempfile
 import time
 import urllib.parse
 import uuid
-from collections import deque
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,7 +32,9 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from emulator import media
+from emulator.account import LOCKED_BODY, REVOKED_BODY, Accounts, account_id
 from emulator.faults import Faults
+from emulator.listing import ListingRefused, list_requests
 from emulator.schema import InputRefused, validate
 from emulator.webhooks import WebhookSigner, deliver
 
@@ -58,7 +58,7 @@ MODEL_ERRORS = [
 @dataclass
 class Config:
     latency: tuple[float, float] = (0.0, 0.0)
-    concurrency: int = 4
+    concurrency: int = 10  # per fal key, as fal's account limit; 0 = no limit
     media_mode: str = "encode"
     retention: float = 3600.0
     retention_large: float = 360.0
@@ -67,6 +67,7 @@ class Config:
     hang_seconds: float = 60.0
     # fal retries a webhook "10 times in the span of 2 hours"; tests shrink that span with a scale.
     webhook_time_scale: float = 1.0
+    listing_unfinished: bool = True  # the request listing shows requests not ended yet (fal's docs are silent)
 
     def update(self, values: dict[str, Any]) -> None:
         for name, value in values.items():
@@ -75,7 +76,9 @@ class Config:
             elif name == "keys":
                 self.keys = frozenset(k for k in str(value).split(",") if k)
             elif name in ("concurrency",):
-                self.concurrency = max(1, int(value))
+                self.concurrency = max(0, int(value))
+            elif name == "listing_unfinished":
+                self.listing_unfinished = bool(value)
             elif name == "media_mode":
                 if value not in ("encode", "copy"):
                     raise ValueError("media_mode is encode or copy")
@@ -100,6 +103,8 @@ class FalRequest:
     marker: str | None
     webhook: str | None
     start_timeout: float | None
+    account: str = ""  # account_id of the key that submitted it
+    endpoint: str = ""  # the app's full path as submitted, e.g. fal-ai/sync-lipsync/v3
     headers: dict[str, str] = field(default_factory=dict)  # fal's platform headers, as received
     created: float = field(default_factory=time.time)
     status: str = "IN_QUEUE"
@@ -115,6 +120,7 @@ class FalRequest:
     error_type: str | None = None
     error_status: int = 500
     error_body: Any = None
+    timeout_type: str | None = None  # "user": X-Fal-Request-Timeout passed before a runner took it
     cancel_requested: bool = False
     inject: set[str] = field(default_factory=set)
     task: asyncio.Task[None] | None = None
@@ -128,46 +134,6 @@ class FalRequest:
         self.logs.append({"message": message, "level": level, "source": "user", "timestamp": stamp})
 
 
-class WaitingLine:
-    """fal's queue: FIFO per priority, every normal request ahead of every low one."""
-
-    def __init__(self) -> None:
-        self.normal: deque[str] = deque()
-        self.low: deque[str] = deque()
-
-    def append(self, request_id: str, low: bool = False) -> int:
-        """Add at the back of its priority; returns its 0-based position in the line."""
-        (self.low if low else self.normal).append(request_id)
-        return len(self) - 1 if low else len(self.normal) - 1
-
-    def popleft(self) -> str:
-        return self.normal.popleft() if self.normal else self.low.popleft()
-
-    def remove(self, request_id: str) -> None:
-        if request_id in self.normal:
-            self.normal.remove(request_id)
-        else:
-            self.low.remove(request_id)
-
-    def index(self, request_id: str) -> int:
-        if request_id in self.normal:
-            return self.normal.index(request_id)
-        return len(self.normal) + self.low.index(request_id)
-
-    def clear(self) -> None:
-        self.normal.clear()
-        self.low.clear()
-
-    def __contains__(self, request_id: object) -> bool:
-        return request_id in self.normal or request_id in self.low
-
-    def __iter__(self) -> Iterator[str]:
-        return itertools.chain(self.normal, self.low)
-
-    def __len__(self) -> int:
-        return len(self.normal) + len(self.low)
-
-
 class Emulator:
     def __init__(self, config: Config, faults: Faults, data_dir: Path) -> None:
         self.config = config
@@ -175,7 +141,7 @@ class Emulator:
         self.data_dir = data_dir
         self.signer = WebhookSigner()
         self.requests: dict[str, FalRequest] = {}
-        self.waiting = WaitingLine()
+        self.waiting = Accounts()  # every key's line; an account's concurrency, lock and counters
         self.running = 0
         self.wakeup = asyncio.Event()
         self.http: httpx.AsyncClient | None = None
@@ -203,7 +169,7 @@ class Emulator:
             await self.http.aclose()
 
     async def _scheduler(self) -> None:
-        """Start waiting requests while fewer than `concurrency` are in progress."""
+        """Start waiting requests while their account has fewer than `concurrency` in progress."""
         while True:
             await self.wakeup.wait()
             self.wakeup.clear()
@@ -214,14 +180,16 @@ class Emulator:
                     self.waiting.remove(request_id)
                 elif found.start_timeout is not None and now - found.created > found.start_timeout:
                     self.waiting.remove(request_id)
-                    self._fail(found, "request_timeout", "The request was not started before its timeout", 504)
-            while self.waiting and self.running < self.config.concurrency:
-                found = self.requests.get(self.waiting.popleft())
+                    self._start_timed_out(found)
+            for request_id in self.waiting.next_to_start(self.config.concurrency):
+                found = self.requests.get(request_id)
                 if found is None or found.status != "IN_QUEUE":
                     continue
                 self.running += 1
+                self.waiting.started(found.account)
                 found.status, found.started = "IN_PROGRESS", time.time()
                 found.task = asyncio.create_task(self._run(found))
+            self.waiting.note_peaks()
 
     async def _sweeper(self) -> None:
         while True:
@@ -289,6 +257,7 @@ class Emulator:
             self._fail(found, "internal_error", f"{type(exc).__name__}: {exc}", 500)
         finally:
             self.running -= 1
+            self.waiting.ended(found.account)
             self.wakeup.set()
 
     async def _download(self, url: str, target: Path, field_name: str) -> Path:
@@ -317,7 +286,16 @@ class Emulator:
         return target
 
     def enqueue(self, found: FalRequest) -> int:
-        return self.waiting.append(found.id, low=found.priority == "low")
+        return self.waiting.append(found.id, found.account, low=found.priority == "low")
+
+    def _start_timed_out(self, found: FalRequest) -> None:
+        """X-Fal-Request-Timeout passed before a runner took the request: fal answers 504 with
+        `X-Fal-Request-Timeout-Type: user` and never runs it, so nothing is billed (fal docs,
+        model-apis/inference/queue, `start_timeout`)."""
+        found.timeout_type = "user"
+        self.waiting.timed_out(found.account)
+        body = {"detail": "Request timed out before it started", "error_type": "request_timeout"}
+        self._fail(found, "request_timeout", "The request was not started before its timeout", 504, body)
 
     def keep_result_s(self, found: FalRequest) -> float:
         large = found.result_bytes >= LARGE_RESULT_BYTES
@@ -440,6 +418,9 @@ def build_app(emulator: Emulator) -> Starlette:
             )  # fmt: skip
         return None
 
+    def account_of(request: Request) -> str:
+        return account_id(request.headers.get("authorization", "").partition(" ")[2].strip())
+
     def authorised(request: Request) -> Response | None:
         header = request.headers.get("authorization", "")
         scheme, _, key = header.partition(" ")
@@ -447,6 +428,8 @@ def build_app(emulator: Emulator) -> Starlette:
             return _fal_json({"detail": "Missing or invalid Authorization header; expected 'Key <FAL_KEY>'"}, 401)
         if emulator.config.keys and key.strip() not in emulator.config.keys:
             return _fal_json({"detail": "Invalid key"}, 401)
+        if emulator.waiting.refuse_revoked(key.strip()):
+            return _fal_json(REVOKED_BODY, 401)
         return None
 
     async def queue(request: Request) -> Response:
@@ -466,6 +449,8 @@ def build_app(emulator: Emulator) -> Starlette:
             return _fal_json({"detail": "Not found"}, 404)
         if request.method != "POST":
             return _fal_json({"detail": "Method not allowed"}, 405)
+        if emulator.waiting.refuse_submit(account_of(request)):
+            return _fal_json(LOCKED_BODY, 403)
         return await submit(request, app_id)
 
     async def submit(request: Request, app_id: str) -> Response:
@@ -490,7 +475,8 @@ def build_app(emulator: Emulator) -> Starlette:
         found = FalRequest(
             id=str(uuid.uuid4()), app=app_id, base=base, arguments=arguments,
             marker=request.headers.get("x-lipsync-job-id"), webhook=request.query_params.get("fal_webhook"),
-            start_timeout=float(timeout) if timeout else None,
+            start_timeout=float(timeout) if timeout else None, account=account_of(request),
+            endpoint=request.url.path.strip("/"),
             headers={k: v for k, v in request.headers.items() if k.startswith("x-fal-")},
         )  # fmt: skip
         try:
@@ -564,12 +550,10 @@ def build_app(emulator: Emulator) -> Starlette:
             if "expire_result" in found.inject:  # retention ran out before the result was fetched
                 return _fal_json({"detail": "Request not found"}, 404)
             if found.error:
-                return _fal_json(
-                    found.error_body,
-                    found.error_status,
-                    request_id=found.id,
-                    headers={"X-Fal-Error-Type": found.error_type or ""},
-                )
+                extra = {"X-Fal-Error-Type": found.error_type or ""}
+                if found.timeout_type:
+                    extra["X-Fal-Request-Timeout-Type"] = found.timeout_type
+                return _fal_json(found.error_body, found.error_status, request_id=found.id, headers=extra)
             return _fal_json(found.output, 200, request_id=found.id)
         return _fal_json({"detail": "Not found"}, 404)
 
@@ -598,6 +582,7 @@ def build_app(emulator: Emulator) -> Starlette:
         return JSONResponse({
             **emulator.counters, "faults_injected": dict(emulator.faults.injected),
             "in_queue": statuses.count("IN_QUEUE"), "in_progress": statuses.count("IN_PROGRESS"),
+            **emulator.waiting.counters(),
         })  # fmt: skip
 
     async def faults(request: Request) -> Response:
@@ -647,6 +632,45 @@ def build_app(emulator: Emulator) -> Starlette:
         state["keep_result_s"] = emulator.keep_result_s(found)
         return JSONResponse(state)
 
+    async def listing(request: Request) -> Response:
+        """fal's REST request listing (api.fal.ai/v1/models/requests/by-endpoint), the caller's requests."""
+        denied = authorised(request)
+        if denied is not None:
+            return denied
+        query: dict[str, list[str]] = {}
+        for name, value in request.query_params.multi_items():
+            query.setdefault(name, []).append(value)
+        try:
+            page = list_requests(
+                emulator.requests.values(), account_of(request), query, time.time(),
+                unfinished=emulator.config.listing_unfinished,
+            )  # fmt: skip
+        except ListingRefused as exc:
+            return _fal_json({"detail": [{"loc": ["query"], "msg": str(exc), "type": "value_error"}]}, 422)
+        return JSONResponse(page)
+
+    async def account(request: Request) -> Response:
+        """Admin: lock an account for N seconds, top it up (unlock), revoke or restore a key."""
+        try:
+            body = await request.json()
+            action = request.path_params["action"]
+            key = body.get("key")
+            name = account_id(str(key)) if key else None
+            if action == "lock":
+                emulator.waiting.lock(float(body["seconds"]), name)
+            elif action == "unlock":
+                emulator.waiting.unlock(name)
+            elif action == "revoke" and key:
+                emulator.waiting.revoked.add(str(key))
+            elif action == "restore" and key:
+                emulator.waiting.revoked.discard(str(key))
+            else:
+                raise ValueError(f"unknown account action {action!r} (lock, unlock, revoke, restore; revoke needs key)")
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            return JSONResponse({"detail": str(exc)}, status_code=400)
+        emulator.wakeup.set()
+        return JSONResponse(emulator.waiting.counters())
+
     async def jwks(request: Request) -> Response:
         return JSONResponse(emulator.signer.jwks())
 
@@ -656,6 +680,8 @@ def build_app(emulator: Emulator) -> Starlette:
         Route("/_admin/config", configure, methods=["POST"]),
         Route("/_admin/reset", reset, methods=["POST"]),
         Route("/_admin/requests/{request_id}", inspect),
+        Route("/_admin/account/{action}", account, methods=["POST"]),
+        Route("/v1/models/requests/by-endpoint", listing),
         Route("/_cdn/{request_id}/{name}", cdn),
         Route("/.well-known/jwks.json", jwks),
         Route("/{path:path}", queue, methods=["GET", "POST", "PUT"]),

@@ -17,6 +17,7 @@ from typing import IO, Any
 
 import httpx
 
+from emulator.account import account_id
 from producers.devstack import free_port, stop_process, wait_for_port
 
 
@@ -53,6 +54,38 @@ class EmulatorProcess:
 
     def counters(self) -> dict[str, Any]:
         response = self._admin.get("/_admin/counters")
+        response.raise_for_status()
+        answer: dict[str, Any] = response.json()
+        return answer
+
+    # the account: its lock, revoked keys, the request listing ------------------------------
+    def lock(self, seconds: float, key: str | None = None) -> dict[str, Any]:
+        """Every submit (of `key`, or of every key) answers fal's 403 'Exhausted balance' for `seconds`."""
+        return self._post("/_admin/account/lock", {"seconds": seconds, "key": key})
+
+    def unlock(self, key: str | None = None) -> dict[str, Any]:
+        """A top-up: the lock ends now."""
+        return self._post("/_admin/account/unlock", {"key": key})
+
+    def revoke(self, key: str) -> dict[str, Any]:
+        """The key answers 401 on every call from now on."""
+        return self._post("/_admin/account/revoke", {"key": key})
+
+    def restore(self, key: str) -> dict[str, Any]:
+        return self._post("/_admin/account/restore", {"key": key})
+
+    def account(self, key: str) -> dict[str, Any]:
+        """One key's counters: in_queue, in_progress, max_in_progress, max_in_queue, created, started, ..."""
+        accounts: dict[str, Any] = self.counters()["accounts"]
+        return dict(accounts.get(account_id(key), {}))
+
+    def list_requests(self, key: str, endpoint_id: str, **params: Any) -> dict[str, Any]:
+        """fal's `GET /v1/models/requests/by-endpoint` as `key` sees it (params as fal names them)."""
+        response = self._admin.get(
+            "/v1/models/requests/by-endpoint",
+            params={"endpoint_id": endpoint_id, **params},
+            headers={"Authorization": f"Key {key}"},
+        )
         response.raise_for_status()
         answer: dict[str, Any] = response.json()
         return answer
