@@ -23,13 +23,13 @@ from __future__ import annotations
 from typing import Any
 
 from config.settings import Settings
+from lipsync.lifecycle import TASK_QUEUES, TASK_STEPS, transfer_limit_s
 
-TASK_QUEUES = ("transfer", "api")
+__all__ = ["TASK_QUEUES", "celery_config"]
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
-    # Every transfer may take long (a 2 GB download): its hard limit covers fetch + upload.
-    transfer_limit = int(settings.fetch_timeout_s * 2 + 600)
+    transfer_limit = transfer_limit_s(settings)
     return {
         "broker_url": settings.broker_url,
         # Task results are not used: the job record is the result. No backend, no result keys.
@@ -38,12 +38,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # Messages carry a job id and nothing else; JSON only (no pickle from the broker).
         "task_serializer": "json",
         "accept_content": ["json"],
-        "task_routes": {
-            "lipsync.stage": {"queue": "transfer"},
-            "lipsync.store": {"queue": "transfer"},
-            "lipsync.submit": {"queue": "api"},
-            "lipsync.poll": {"queue": "api"},
-        },
+        # Routes and time limits come from the lifecycle table (`lipsync.lifecycle.STEPS`).
+        "task_routes": {step.task_name: {"queue": step.queue} for step in TASK_STEPS},
         "task_default_queue": "api",
         "task_create_missing_queues": True,
         # Ack after the task ran, and hand the message back if the worker process dies, so a
@@ -67,12 +63,14 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "broker_connection_retry_on_startup": True,
         "broker_connection_max_retries": None,  # ride out a Redis restart instead of exiting
         "broker_pool_limit": 20,
-        # Time limits: api tasks are single HTTP calls; transfer tasks move media.
+        # Time limits: api tasks are single HTTP calls; transfer tasks move media. The soft
+        # limit comes first, so a step can still fail the job in words.
         "task_annotations": {
-            "lipsync.submit": {"time_limit": 120, "soft_time_limit": 90},
-            "lipsync.poll": {"time_limit": 120, "soft_time_limit": 90},
-            "lipsync.stage": {"time_limit": transfer_limit + 60, "soft_time_limit": transfer_limit},
-            "lipsync.store": {"time_limit": transfer_limit + 60, "soft_time_limit": transfer_limit},
+            step.task_name: {
+                "time_limit": step.time_limit_s(settings) + 60,
+                "soft_time_limit": step.time_limit_s(settings),
+            }
+            for step in TASK_STEPS
         },
         # Flower sees every task, including when it was sent.
         "worker_send_task_events": True,

@@ -1,6 +1,10 @@
 """Admission to fal, shared by every worker through Redis: a cap on jobs in flight and a submit rate.
 
-One Lua script decides both, so two workers can never both take the last slot.
+One Lua script (`lua/admit.lua`) decides both, so two workers can never both take the last
+slot. A slot is part of the job's state: it is taken here, by the submit step, and given back
+by the job store's one write (`lua/move.lua`) when the job leaves fal, whichever way it leaves
+(result stored, failed, cancelled, retried, or a submit that did not reach fal). Nothing
+releases a slot by hand.
 """
 
 from __future__ import annotations
@@ -10,24 +14,8 @@ from dataclasses import dataclass
 
 import redis
 
-# Token bucket (capacity = one second of rate, at least 1) plus a set of jobs in flight.
-_ADMIT = """
-local inflight, bucket = KEYS[1], KEYS[2]
-local job, cap, rate, now = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-if redis.call('SISMEMBER', inflight, job) == 1 then return {1, '0'} end
-if redis.call('SCARD', inflight) >= cap then return {0, '1.0'} end
-local burst = math.max(1, rate)
-local tokens = tonumber(redis.call('HGET', bucket, 'tokens') or burst)
-local last = tonumber(redis.call('HGET', bucket, 'at') or now)
-tokens = math.min(burst, tokens + math.max(0, now - last) * rate)
-if tokens < 1 then
-  redis.call('HSET', bucket, 'tokens', tostring(tokens), 'at', tostring(now))
-  return {0, tostring((1 - tokens) / rate)}
-end
-redis.call('HSET', bucket, 'tokens', tostring(tokens - 1), 'at', tostring(now))
-redis.call('SADD', inflight, job)
-return {1, '0'}
-"""
+from lipsync.jobstore import load_script
+from lipsync.keys import Keys
 
 
 @dataclass(frozen=True)
@@ -41,21 +29,20 @@ class AdmissionControl:
         self, client: redis.Redis[bytes], *, prefix: str, max_in_flight: int, submits_per_second: float
     ) -> None:
         self.redis = client
-        self.inflight_key = f"{prefix}:inflight"
-        self.bucket_key = f"{prefix}:submit-rate"
+        keys = Keys(prefix)
+        self.inflight_key = keys.inflight
+        self.bucket_key = keys.submit_rate
         self.max_in_flight = max_in_flight
         self.submits_per_second = submits_per_second
-        self._admit = client.register_script(_ADMIT)
+        self._admit = load_script(client, "admit")
 
     def admit(self, job_id: str) -> Admission:
+        """Take a slot for the job (or find it already holds one); else how long to wait."""
         admitted, retry_after = self._admit(
             keys=[self.inflight_key, self.bucket_key],
             args=[job_id, self.max_in_flight, self.submits_per_second, repr(time.time())],
         )
         return Admission(bool(int(admitted)), float(retry_after))
-
-    def release(self, job_id: str) -> None:
-        self.redis.srem(self.inflight_key, job_id)
 
     def in_flight(self) -> int:
         return int(self.redis.scard(self.inflight_key))

@@ -297,8 +297,10 @@ def jobs(status_name: str | None, batch_id: str | None, limit: int, as_json: boo
 @click.pass_context
 def worker(ctx: click.Context, queues: str, concurrency: int | None, pool: str | None, loglevel: str) -> None:
     """Start a Celery worker for these queues (extra arguments go to `celery worker`)."""
+    from celery.bin.celery import celery as celery_command
+
     from config.settings import get_settings
-    from workers.app import app
+    from lipsync.lifecycle import CELERY_APP
 
     settings = get_settings()
     names = {q.strip() for q in queues.split(",") if q.strip()}
@@ -306,8 +308,10 @@ def worker(ctx: click.Context, queues: str, concurrency: int | None, pool: str |
         pool = "threads" if names == {"api"} else "prefork"
     if concurrency is None:
         concurrency = settings.api_concurrency if names == {"api"} else settings.transfer_concurrency
-    app.worker_main(
+    celery_command.main(
         [
+            "--app",
+            CELERY_APP,
             "worker",
             "--queues",
             ",".join(sorted(names)),
@@ -318,7 +322,8 @@ def worker(ctx: click.Context, queues: str, concurrency: int | None, pool: str |
             "--loglevel",
             loglevel,
             *ctx.args,
-        ]
+        ],
+        prog_name="celery",
     )
 
 
@@ -335,13 +340,17 @@ def emulator(ctx: click.Context) -> None:
 @click.pass_context
 def flower(ctx: click.Context) -> None:
     """Run Flower for the workers, with basic auth (LIPSYNC_FLOWER_BASIC_AUTH=user:password)."""
+    from celery.bin.celery import celery as celery_command
+
     from config.settings import get_settings
-    from workers.app import app
+    from lipsync.lifecycle import CELERY_APP
 
     auth = get_settings().flower_basic_auth.get_secret_value()
     if not auth:
         raise click.UsageError("set LIPSYNC_FLOWER_BASIC_AUTH=user:password; Flower never runs open")
-    app.start(["flower", f"--basic-auth={auth}", "--max-tasks=10000", *ctx.args])
+    celery_command.main(
+        ["--app", CELERY_APP, "flower", f"--basic-auth={auth}", "--max-tasks=10000", *ctx.args], prog_name="celery"
+    )
 
 
 @main.command()

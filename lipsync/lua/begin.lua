@@ -1,0 +1,42 @@
+-- begin.lua: a step starts on a job: take its lease, mark its working status, read the job. One round trip.
+--
+-- KEYS[1]  job hash              <prefix>:job:<id>
+-- KEYS[2]  job events stream     <prefix>:job:<id>:events
+-- KEYS[3]  schedule zset         <prefix>:schedule
+-- ARGV[1]  job id
+-- ARGV[2]  lease owner (a token unique to this run of the step)
+-- ARGV[3]  now (unix seconds)
+-- ARGV[4]  lease seconds
+-- ARGV[5]  statuses the step handles, space-separated
+-- ARGV[6]  the step's working status ('' none): a job in another handled status moves to it
+-- ARGV[7]  status set prefix     <prefix>:status:
+-- ARGV[8]  counter field to increment when the working status is entered ('' none)
+-- Returns {-1} no job; {0} another live runner holds the lease; {2, status} not this step's
+-- status (nothing written); {1, status before, field, value, ...} the lease is ours, with the
+-- job's hash as it is now.
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return {-1} end
+local now = tonumber(ARGV[3])
+local owner = redis.call('HGET', KEYS[1], 'lease_owner')
+if owner and owner ~= ARGV[2] and tonumber(redis.call('HGET', KEYS[1], 'lease_until') or '0') > now then
+  return {0}
+end
+local handled = false
+for s in string.gmatch(ARGV[5], '%S+') do if s == status then handled = true end end
+if not handled then return {2, status} end
+local expiry = now + tonumber(ARGV[4])
+redis.call('HSET', KEYS[1], 'lease_owner', ARGV[2], 'lease_until', tostring(expiry))
+-- the schedule's safety net stays beyond the lease: a live runner is not sent a duplicate
+redis.call('ZADD', KEYS[3], 'XX', 'GT', expiry, ARGV[1])
+if ARGV[6] ~= '' and status ~= ARGV[6] then
+  redis.call('HSET', KEYS[1], 'status', ARGV[6], 'ts:' .. ARGV[6], ARGV[3], 'updated_at', ARGV[3])
+  redis.call('SREM', ARGV[7] .. status, ARGV[1])
+  redis.call('SADD', ARGV[7] .. ARGV[6], ARGV[1])
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', 500, '*',
+    'status', ARGV[6], 'from', status, 'at', ARGV[3], 'event', ARGV[6])
+  if ARGV[8] ~= '' then redis.call('HINCRBY', KEYS[1], ARGV[8], 1) end
+end
+local job = redis.call('HGETALL', KEYS[1])
+table.insert(job, 1, status)
+table.insert(job, 1, 1)
+return job

@@ -1,0 +1,27 @@
+-- claim_waiting.lua: the poller claims jobs at fal whose status check is due, with what it needs
+-- to check them, in one round trip.
+--
+-- KEYS[1]  waiting zset          <prefix>:waiting
+-- ARGV[1]  now (unix seconds)
+-- ARGV[2]  lease seconds (a claimed entry comes due again after this, if its poller died)
+-- ARGV[3]  at most this many jobs
+-- ARGV[4]  job hash prefix       <prefix>:job:
+-- Returns {id, status, fal, deadline_at, polls, ...} five values per claimed job; a job whose
+-- record is gone is dropped from the set and not returned.
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))
+local until_ = tonumber(ARGV[1]) + tonumber(ARGV[2])
+local out = {}
+for _, id in ipairs(due) do
+  local job = redis.call('HMGET', ARGV[4] .. id, 'status', 'fal', 'deadline_at', 'attempts:poll')
+  if job[1] then
+    redis.call('ZADD', KEYS[1], until_, id)
+    out[#out + 1] = id
+    out[#out + 1] = job[1]
+    out[#out + 1] = job[2] or ''
+    out[#out + 1] = job[3] or ''
+    out[#out + 1] = job[4] or '0'
+  else
+    redis.call('ZREM', KEYS[1], id)
+  end
+end
+return out
