@@ -77,7 +77,7 @@ def finish_with_result(
 
 def finish_with_error(store: JobStore, job_id: str, error: JobError, *, via: str) -> bool:
     """fal finished the request with an error: fail the job in fal's words, once."""
-    return store.fail(job_id, error, from_=AT_FAL_STATUSES, count=[f"attempts:{via}"]).applied
+    return store.fail(job_id, error, from_=AT_FAL_STATUSES, count=[f"attempts:{via}"], by=via).applied
 
 
 def cancel(store: JobStore, settings: Settings, job_id: str, *, by: str = "the producer") -> Job:

@@ -291,6 +291,7 @@ class JobStore:
         from_: Iterable[JobStatus] | None = None,
         owner: str | None = None,
         count: Iterable[str] = (),
+        by: str | None = None,
     ) -> Moved:
         """End the job as failed, with its error in words (from any status not ended, by default)."""
         return self._move(
@@ -298,7 +299,7 @@ class JobStore:
             to=JobStatus.failed,
             from_=_NOT_ENDED if from_ is None else from_,
             fields={"error": error.model_dump(mode="json")},
-            event=f"failed: {error.code}: {error.message}",
+            event=f"failed{f' (by {by})' if by else ''}: {error.code}: {error.message}",
             owner=owner,
             count=count,
         )

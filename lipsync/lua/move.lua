@@ -27,7 +27,8 @@
 -- ARGV[13] statuses at fal, space-separated
 -- ARGV[14] end statuses, space-separated
 -- ARGV[15] seconds the finished index keeps a job
--- Returns {1, status before} written; {0, status before} refused (status or absent fields);
+-- Returns {1, status before} written; {0, status before} refused (status or absent fields;
+-- the runner's lease is given back all the same);
 -- {-1, ''} no such job; {-2, status before} the lease is another runner's (nothing written).
 -- The admission slot is freed when the job changes to a status not at fal, or a runner's
 -- outcome leaves it outside fal: taking and giving back a slot is part of the job's state.
@@ -42,9 +43,14 @@ local lenient = string.sub(owner, 1, 1) == '?'
 if lenient then owner = string.sub(owner, 2) end
 local ours = owner ~= '' and redis.call('HGET', KEYS[1], 'lease_owner') == owner
 if owner ~= '' and not lenient and not ours then return {-2, cur} end
-if ARGV[4] ~= '' and not member(ARGV[4], cur) then return {0, cur} end
+local refused = ARGV[4] ~= '' and not member(ARGV[4], cur)
 for f in string.gmatch(ARGV[11], '%S+') do
-  if redis.call('HEXISTS', KEYS[1], f) == 1 then return {0, cur} end
+  if redis.call('HEXISTS', KEYS[1], f) == 1 then refused = true end
+end
+if refused then
+  -- the job moved on without this runner (cancelled, say): its lease goes, nothing else changes
+  if ours then redis.call('HDEL', KEYS[1], 'lease_owner', 'lease_until') end
+  return {0, cur}
 end
 local now = ARGV[2]
 local to = cur
@@ -68,14 +74,15 @@ end
 redis.call('HSET', KEYS[1], unpack(set))
 local del = {}
 for f in string.gmatch(ARGV[9], '%S+') do del[#del + 1] = f end
-if ours then
+local ended = member(ARGV[14], to)
+-- an ended job is no runner's: one still working on it finds its lease gone and stops
+if ours or (ended and to ~= cur) then
   del[#del + 1] = 'lease_owner'
   del[#del + 1] = 'lease_until'
 end
 if #del > 0 then redis.call('HDEL', KEYS[1], unpack(del)) end
 for f in string.gmatch(ARGV[10], '%S+') do redis.call('HINCRBY', KEYS[1], f, 1) end
 local at_fal = member(ARGV[13], to)
-local ended = member(ARGV[14], to)
 if ended or ARGV[7] == '-' then
   redis.call('ZREM', KEYS[3], ARGV[1])
   redis.call('ZREM', KEYS[4], ARGV[1])
