@@ -78,6 +78,7 @@ class WaitingJob:
     fal: dict[str, Any] | None
     deadline_at: float
     polls: int
+    submitted_at: float | None
 
 
 def _now() -> float:
@@ -105,6 +106,7 @@ class JobStore:
         self._move_script = load_script(client, "move")
         self._claim = load_script(client, "claim")
         self._claim_waiting = load_script(client, "claim_waiting")
+        self._rescore_waiting = load_script(client, "rescore_waiting")
 
     def job_key(self, job_id: str) -> str:
         return self.keys.job(job_id)
@@ -412,17 +414,27 @@ class JobStore:
     # the schedules ---------------------------------------------------------
     def claim_due(self, lease_s: float, limit: int) -> list[str]:
         """Jobs a Celery step should look at now (the safety net for lost messages and dead workers)."""
-        return [_text(i) for i in self._claim(keys=[self.schedule_key], args=[repr(_now()), repr(lease_s), limit])]
+        return self.claim_due_or_next(lease_s, limit)[0]
+
+    def claim_due_or_next(self, lease_s: float, limit: int, key: str | None = None) -> tuple[list[str], float | None]:
+        """Claim due entries of the schedule (or `key`); when none is due, when the next one is."""
+        raw = self._claim(keys=[key or self.schedule_key], args=[repr(_now()), repr(lease_s), limit])
+        return _claimed(raw)
 
     def claim_due_callbacks(self, lease_s: float, limit: int) -> list[str]:
-        return [_text(i) for i in self._claim(keys=[self.callbacks_key], args=[repr(_now()), repr(lease_s), limit])]
+        return self.claim_due_or_next(lease_s, limit, self.callbacks_key)[0]
 
     def claim_waiting(self, lease_s: float, limit: int) -> list[WaitingJob]:
         """Jobs at fal whose status check is due, each held for `lease_s` (the poller's batch)."""
+        return self.claim_waiting_or_next(lease_s, limit)[0]
+
+    def claim_waiting_or_next(self, lease_s: float, limit: int) -> tuple[list[WaitingJob], float | None]:
         flat = self._claim_waiting(keys=[self.waiting_key], args=[repr(_now()), repr(lease_s), limit, self.job_key("")])
+        if len(flat) == 2 and not flat[0]:
+            return [], float(flat[1]) if flat[1] else None
         found = []
-        for i in range(0, len(flat), 5):
-            job_id, status, fal, deadline, polls = (_text(v) for v in flat[i : i + 5])
+        for i in range(0, len(flat), 6):
+            job_id, status, fal, deadline, polls, submitted = (_text(v) for v in flat[i : i + 6])
             found.append(
                 WaitingJob(
                     id=job_id,
@@ -430,9 +442,17 @@ class JobStore:
                     fal=json.loads(fal) if fal else None,
                     deadline_at=float(json.loads(deadline)) if deadline else float("inf"),
                     polls=int(polls),
+                    submitted_at=float(submitted) if submitted else None,
                 )
             )
-        return found
+        return found, None
+
+    def bring_checks_forward(self, typical_s: float, limit: int = 10_000) -> int:
+        """Waiting jobs due later than submitted + `typical_s` are checked then instead."""
+        moved = self._rescore_waiting(
+            keys=[self.waiting_key], args=[repr(_now()), repr(typical_s), self.job_key(""), limit]
+        )
+        return int(moved)
 
     def schedule(self, job_id: str, at: float) -> None:
         self.redis.zadd(self.schedule_key, {job_id: at})
@@ -450,6 +470,12 @@ class JobStore:
         pipe.zcard(self.schedule_key)
         pipe.zcard(self.waiting_key)
         return sum(int(n) for n in pipe.execute())
+
+
+def _claimed(raw: list[Any]) -> tuple[list[str], float | None]:
+    if len(raw) == 2 and not raw[0]:
+        return [], float(raw[1]) if raw[1] else None
+    return [_text(job_id) for job_id in raw], None
 
 
 def _text(value: Any) -> str:

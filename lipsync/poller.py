@@ -40,27 +40,51 @@ from lipsync.redis_client import connect
 log = logging.getLogger("lipsync.poller")
 
 RECENT = 100  # inference times kept for the first-check estimate
+IDLE_S = 1.0  # the longest pause with nothing due
 
 
 class FirstCheck:
-    """When a newly submitted job is first worth checking, from recent inference times (cached 10 s)."""
+    """When a job at fal could first plausibly be done: the faster end (10th percentile) of recent
+    inference times, shared by every worker through Redis (read at most every 10 s)."""
 
     def __init__(self, client: redis.Redis[bytes], keys: Keys, settings: Settings) -> None:
         self.redis, self.key, self.settings = client, keys.fal_seconds, settings
-        self._value = settings.poll_initial_s
+        self._typical: float | None = None
         self._fetched = float("-inf")
 
-    def delay(self) -> float:
+    def typical(self) -> float | None:
         now = time.monotonic()
         if now - self._fetched > 10.0:
             self._fetched = now
             try:
-                recent = sorted(float(v) for v in self.redis.lrange(self.key, 0, RECENT - 1))
+                recent = [float(v) for v in self.redis.lrange(self.key, 0, RECENT - 1)]
             except redis.RedisError:
                 recent = []
             if recent:
-                self._value = recent[len(recent) // 10]
-        return max(self.settings.poll_initial_s, self._value)
+                self._typical = _fast_end(recent)
+        return self._typical
+
+    def delay(self) -> float:
+        """Seconds from submit to the first status check."""
+        return max(self.settings.poll_initial_s, self.typical() or 0.0)
+
+    def learn(self, seconds: Sequence[float]) -> float | None:
+        """Record inference times just seen; returns the typical time when it is new or shorter by a fifth."""
+        before = self.typical()
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.lpush(self.key, *[repr(t) for t in seconds])
+        pipe.ltrim(self.key, 0, RECENT - 1)
+        pipe.lrange(self.key, 0, RECENT - 1)
+        recent = [float(v) for v in pipe.execute()[2]]
+        self._typical, self._fetched = _fast_end(recent), time.monotonic()
+        if before is None or self._typical < 0.8 * before:
+            return self._typical
+        return None
+
+
+def _fast_end(seconds: Sequence[float]) -> float:
+    ordered = sorted(seconds)
+    return ordered[len(ordered) // 10]
 
 
 def read_status(response: httpx.Response) -> QueueStatus:
@@ -80,13 +104,11 @@ def read_status(response: httpx.Response) -> QueueStatus:
 
 
 class Poller:
-    def __init__(
-        self, settings: Settings, send: jobs.Sender, *, batch: int = 200, interval_s: float | None = None
-    ) -> None:
+    def __init__(self, settings: Settings, send: jobs.Sender, *, batch: int = 200, interval_s: float = 0.02) -> None:
         self.settings = settings
         self.send = send
         self.batch = batch
-        self.interval_s = settings.dispatch_interval_s if interval_s is None else interval_s
+        self.interval_s = interval_s  # between turns that found work: let the loop breathe
         self.redis = connect(settings.redis_url)
         self.store: JobStore = observed_store(self.redis, settings.key_prefix)
         self.keys = Keys(settings.key_prefix)
@@ -95,6 +117,7 @@ class Poller:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._main, name="lipsync-poller", daemon=True)
         self._inference_times: list[float] = []
+        self.first_check = FirstCheck(self.redis, self.keys, settings)
 
     # lifecycle of the thread --------------------------------------------------
     def start(self) -> None:
@@ -114,21 +137,28 @@ class Poller:
         async with httpx.AsyncClient(timeout=timeout, limits=limits, headers=headers) as http:
             while not self._stop.is_set():
                 try:
-                    checked = await self.turn(http)
+                    pause = await self.turn(http)
                 except Exception as exc:  # Redis restarting: keep trying, quietly
                     log.warning("poller: %s: %s", type(exc).__name__, exc)
-                    await asyncio.sleep(1.0)
-                    continue
-                if checked < self.batch:
-                    await asyncio.sleep(self.interval_s)
+                    pause = 1.0
+                if pause > 0:
+                    await asyncio.sleep(pause)
 
-    async def turn(self, http: httpx.AsyncClient) -> int:
-        """Claim the due jobs, check them all at once; returns how many were claimed."""
-        due = self.store.claim_waiting(self.lease_s, self.batch)
+    async def turn(self, http: httpx.AsyncClient) -> float:
+        """Claim the due jobs and check them all at once; returns how long to pause before the next turn.
+
+        With nothing due it sleeps until the next check is due, at most `IDLE_S`: a job whose
+        check is brought forward meanwhile (a new submit is first due a second or more ahead)
+        waits no longer than that.
+        """
+        due, next_due = self.store.claim_waiting_or_next(self.lease_s, self.batch)
         if due:
             await asyncio.gather(*(self.check_one(job, http) for job in due))
             self._record_inference_times()
-        return len(due)
+            return 0.0 if len(due) >= self.batch else self.interval_s
+        if next_due is None:
+            return IDLE_S
+        return min(IDLE_S, max(0.01, next_due - time.time()))
 
     # one job -----------------------------------------------------------------
     async def check_one(self, job: WaitingJob, http: httpx.AsyncClient) -> None:
@@ -208,10 +238,14 @@ class Poller:
         fields: dict[str, Any] = {"fal": fal.model_dump(mode="json")}
         if status.logs:
             fields["logs"] = [entry.model_dump(mode="json") for entry in status.logs[-jobs.LOG_TAIL :]]
-        wait = backoff(job.polls + 1, self.settings.poll_initial_s, self.settings.poll_max_s)
+        now = time.time()
+        due_at = now + backoff(job.polls + 1, self.settings.poll_initial_s, self.settings.poll_max_s)
+        typical = self.first_check.typical()
+        if typical is not None and job.submitted_at is not None and now < job.submitted_at + typical < due_at:
+            due_at = job.submitted_at + typical  # never later than it could plausibly be done
         self.store.wait(
             job.id,
-            time.time() + wait,
+            due_at,
             from_=AT_FAL_STATUSES,
             to=to,
             fields=fields,
@@ -252,9 +286,9 @@ class Poller:
     def _record_inference_times(self) -> None:
         if not self._inference_times:
             return
-        times: Sequence[float] = self._inference_times
-        self._inference_times = []
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.lpush(self.keys.fal_seconds, *[repr(t) for t in times])
-        pipe.ltrim(self.keys.fal_seconds, 0, RECENT - 1)
-        pipe.execute()
+        seen, self._inference_times = self._inference_times, []
+        typical = self.first_check.learn(seen)
+        if typical is not None:
+            # Learned (or shorter than thought): jobs waiting past their plausible end are checked then.
+            moved = self.store.bring_checks_forward(typical)
+            log.info("poller: fal typically needs %.1f s; %d checks brought forward", typical, moved)

@@ -292,7 +292,7 @@ def jobs(status_name: str | None, batch_id: str | None, limit: int, as_json: boo
 @main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
 @click.option("--queues", "-Q", default="transfer,api", show_default=True)
 @click.option("--concurrency", "-c", type=int, default=None)
-@click.option("--pool", "-P", default=None, help="prefork (default) or threads (default for -Q api)")
+@click.option("--pool", "-P", default="threads", show_default=True, help="threads (I/O-bound steps) or prefork")
 @click.option("--loglevel", "-l", default="INFO")
 @click.pass_context
 def worker(ctx: click.Context, queues: str, concurrency: int | None, pool: str | None, loglevel: str) -> None:
@@ -304,8 +304,6 @@ def worker(ctx: click.Context, queues: str, concurrency: int | None, pool: str |
 
     settings = get_settings()
     names = {q.strip() for q in queues.split(",") if q.strip()}
-    if pool is None:
-        pool = "threads" if names == {"api"} else "prefork"
     if concurrency is None:
         concurrency = settings.api_concurrency if names == {"api"} else settings.transfer_concurrency
     celery_command.main(

@@ -73,18 +73,18 @@ def _start_dispatcher(sender: Any = None, **_: Any) -> None:
     from workers.preflight import check_redis
 
     check_redis(settings)
-    if not settings.run_dispatcher:
+    # One dispatcher and one poller per api worker: claims are atomic, so any number may run;
+    # the api worker is the one every deployment has, and the one whose work they feed.
+    if not settings.run_dispatcher or not _consumes(sender, "api"):
         return
+    from lipsync.jobs import celery_sender
+    from lipsync.poller import Poller
     from workers.dispatcher import Dispatcher
 
     _dispatcher = Dispatcher(app, settings)
     _dispatcher.start()
-    if _consumes(sender, "api"):
-        from lipsync.jobs import celery_sender
-        from lipsync.poller import Poller
-
-        _poller = Poller(settings, celery_sender(app))
-        _poller.start()
+    _poller = Poller(settings, celery_sender(app))
+    _poller.start()
 
 
 @worker_shutdown.connect

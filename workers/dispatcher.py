@@ -39,6 +39,9 @@ class Dispatcher:
         self._thread.join(timeout=5)
 
     def _run(self) -> None:
+        # Nothing due: sleep until the next entry is due, between the dispatch interval and 4x it
+        # (an entry written meanwhile, like a short admission wait, is late by at most that).
+        longest = 4 * self.settings.dispatch_interval_s
         while not self._stop.is_set():
             try:
                 sent = self.dispatch_once() + self.dispatch_callbacks()
@@ -47,12 +50,18 @@ class Dispatcher:
                 self._stop.wait(1.0)
                 continue
             if sent < self.settings.dispatch_batch:
-                self._stop.wait(self.settings.dispatch_interval_s)
+                until = min(self._next_due, self._next_callback)
+                pause = min(longest, max(self.settings.dispatch_interval_s, until - time.time()))
+                self._stop.wait(pause)
+
+    _next_due = float("inf")
+    _next_callback = float("inf")
 
     def dispatch_once(self) -> int:
         """Send one task for each due job; returns how many entries were claimed."""
         settings = self.settings
-        due = self.store.claim_due(settings.poll_lease_s, settings.dispatch_batch)
+        due, next_due = self.store.claim_due_or_next(settings.poll_lease_s, settings.dispatch_batch)
+        self._next_due = float("inf") if next_due is None else next_due
         if not due:
             return 0
         statuses = self.store.statuses(due)
@@ -73,7 +82,10 @@ class Dispatcher:
 
     def dispatch_callbacks(self) -> int:
         """Send one `callback` task for each job whose callback is due (see `workers.callback`)."""
-        due = self.store.claim_due_callbacks(self.settings.poll_lease_s, self.settings.dispatch_batch)
+        due, next_due = self.store.claim_due_or_next(
+            self.settings.poll_lease_s, self.settings.dispatch_batch, self.store.callbacks_key
+        )
+        self._next_callback = float("inf") if next_due is None else next_due
         if due:
             callback = step("callback")
             with self.app.producer_or_acquire() as producer:

@@ -14,22 +14,24 @@
 -- Returns {-1} no job; {0} another live runner holds the lease; {2, status} not this step's
 -- status (nothing written); {1, status before, field, value, ...} the lease is ours, with the
 -- job's hash as it is now.
-local status = redis.call('HGET', KEYS[1], 'status')
+local found = redis.call('HMGET', KEYS[1], 'status', 'lease_owner', 'lease_until')
+local status, owner = found[1], found[2]
 if not status then return {-1} end
 local now = tonumber(ARGV[3])
-local owner = redis.call('HGET', KEYS[1], 'lease_owner')
-if owner and owner ~= ARGV[2] and tonumber(redis.call('HGET', KEYS[1], 'lease_until') or '0') > now then
+if owner and owner ~= ARGV[2] and tonumber(found[3] or '0') > now then
   return {0}
 end
 local handled = false
 for s in string.gmatch(ARGV[5], '%S+') do if s == status then handled = true end end
 if not handled then return {2, status} end
 local expiry = now + tonumber(ARGV[4])
-redis.call('HSET', KEYS[1], 'lease_owner', ARGV[2], 'lease_until', tostring(expiry))
 -- the schedule's safety net stays beyond the lease: a live runner is not sent a duplicate
 redis.call('ZADD', KEYS[3], 'XX', 'GT', expiry, ARGV[1])
-if ARGV[6] ~= '' and status ~= ARGV[6] then
-  redis.call('HSET', KEYS[1], 'status', ARGV[6], 'ts:' .. ARGV[6], ARGV[3], 'updated_at', ARGV[3])
+if ARGV[6] == '' or status == ARGV[6] then
+  redis.call('HSET', KEYS[1], 'lease_owner', ARGV[2], 'lease_until', tostring(expiry))
+else
+  redis.call('HSET', KEYS[1], 'lease_owner', ARGV[2], 'lease_until', tostring(expiry),
+    'status', ARGV[6], 'ts:' .. ARGV[6], ARGV[3], 'updated_at', ARGV[3])
   redis.call('SREM', ARGV[7] .. status, ARGV[1])
   redis.call('SADD', ARGV[7] .. ARGV[6], ARGV[1])
   redis.call('XADD', KEYS[2], 'MAXLEN', '~', 500, '*',

@@ -173,7 +173,10 @@ def test_poller_claims_due_jobs_at_fal_with_their_request(store: JobStore) -> No
 def test_admission_paces_submits_to_the_configured_rate(redis_server: Any) -> None:
     client = redis.Redis.from_url(redis_server.url)
     admission = AdmissionControl(client, prefix=f"r{uuid.uuid4().hex[:8]}", max_in_flight=10_000, submits_per_second=10)
+    started = time.monotonic()
     outcomes = [admission.admit(f"job-{i}") for i in range(30)]
+    elapsed = time.monotonic() - started
     admitted = [o for o in outcomes if o.admitted]
-    assert len(admitted) == 10  # one second's burst
+    # One second's burst, plus what the rate refilled while the calls ran (a loaded machine).
+    assert 10 <= len(admitted) <= 10 + int(10 * elapsed), (len(admitted), elapsed)
     assert all(0 < o.retry_after <= 2.1 for o in outcomes if not o.admitted)
