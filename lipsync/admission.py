@@ -22,6 +22,10 @@ from lipsync.keys import Keys
 class Admission:
     admitted: bool
     retry_after: float
+    # With a claim: an earlier submit already claimed the job (it may have reached fal).
+    claimed_before: bool = False
+    # With a claim: the job moved on or has its request already; nothing was taken.
+    refused: bool = False
 
 
 class AdmissionControl:
@@ -29,20 +33,27 @@ class AdmissionControl:
         self, client: redis.Redis[bytes], *, prefix: str, max_in_flight: int, submits_per_second: float
     ) -> None:
         self.redis = client
-        keys = Keys(prefix)
+        self.keys = keys = Keys(prefix)
         self.inflight_key = keys.inflight
         self.bucket_key = keys.submit_rate
         self.max_in_flight = max_in_flight
         self.submits_per_second = submits_per_second
         self._admit = load_script(client, "admit")
 
-    def admit(self, job_id: str) -> Admission:
-        """Take a slot for the job (or find it already holds one); else how long to wait."""
-        admitted, retry_after = self._admit(
-            keys=[self.inflight_key, self.bucket_key],
-            args=[job_id, self.max_in_flight, self.submits_per_second, repr(time.time())],
+    def admit(self, job_id: str, *, claim: str | None = None, status: str = "submitting") -> Admission:
+        """Take a slot for the job (or find it already holds one); else how long to wait.
+
+        With `claim`, the job's submit claim (that field, set to now) is written in the same
+        call, provided the job is in `status`, has no claim and no fal request yet.
+        """
+        code, retry_after = self._admit(
+            keys=[self.inflight_key, self.bucket_key, self.keys.job(job_id) if claim else ""],
+            args=[job_id, self.max_in_flight, self.submits_per_second, repr(time.time()), claim or "", status],
         )
-        return Admission(bool(int(admitted)), float(retry_after))
+        code = int(code)
+        if code < 0:
+            return Admission(False, 0.0, claimed_before=code == -1, refused=code == -2)
+        return Admission(code == 1, float(retry_after))
 
     def in_flight(self) -> int:
         return int(self.redis.scard(self.inflight_key))

@@ -69,7 +69,7 @@ def finish_with_result(
         JobStatus.storing,
         from_=AT_FAL_STATUSES,
         fields=fields,
-        count=[f"attempts:{via}"],
+        count=[] if via == "poll" else [f"attempts:{via}"],  # the poller counts a check when it claims it
         due_at=time.time() + transfer_lease_s,
         event=f"fal completed (by {via}); storing the output",
     ).applied
@@ -77,7 +77,8 @@ def finish_with_result(
 
 def finish_with_error(store: JobStore, job_id: str, error: JobError, *, via: str) -> bool:
     """fal finished the request with an error: fail the job in fal's words, once."""
-    return store.fail(job_id, error, from_=AT_FAL_STATUSES, count=[f"attempts:{via}"], by=via).applied
+    count = [] if via == "poll" else [f"attempts:{via}"]
+    return store.fail(job_id, error, from_=AT_FAL_STATUSES, count=count, by=via).applied
 
 
 def cancel(store: JobStore, settings: Settings, job_id: str, *, by: str = "the producer") -> Job:

@@ -16,7 +16,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,11 +39,13 @@ _LUA = Path(__file__).resolve().parent / "lua"
 _AT_FAL = " ".join(sorted(s.value for s in AT_FAL_STATUSES))
 _ENDED = " ".join(sorted(s.value for s in TERMINAL_STATUSES))
 _NOT_ENDED = [s for s in JobStatus if not s.terminal]
+_EVERY = " ".join(s.value for s in JobStatus)
 
 log = logging.getLogger("lipsync.job")
 
-# Called after every applied status change: (store, job id, before, after, fields written, event).
-Observer = Callable[["JobStore", str, JobStatus | None, JobStatus, Mapping[str, Any], str | None], None]
+# Called after every applied status change: (store, job id, before, after, fields written, event,
+# what the write read for the metrics: when the job entered `before`, ts:submitted, ts:queued, cost).
+Observer = Callable[["JobStore", str, JobStatus | None, JobStatus, Mapping[str, Any], str | None, Sequence[Any]], None]
 
 
 def load_script(client: redis.Redis[bytes], name: str) -> Any:
@@ -239,7 +241,9 @@ class JobStore:
         before = JobStatus(_text(found[1]))
         job = _decode(job_id, dict(zip(found[2::2], found[3::2], strict=True)))
         if working is not None and before is not working and self.observer is not None:
-            self.observer(self, job_id, before, working, {}, working.value)
+            raw = dict(zip(found[2::2], found[3::2], strict=True))
+            known = [raw.get(f"ts:{name}".encode()) for name in (before.value, "submitted", "queued")]
+            self.observer(self, job_id, before, working, {}, working.value, [*known, raw.get(b"cost_estimate_usd")])
         return Begun(job)
 
     def renew(self, job_id: str, owner: str, lease_s: float) -> bool:
@@ -325,12 +329,6 @@ class JobStore:
             due=repr(due_at), event=event,
         )  # fmt: skip
 
-    def claim_submit(self, job_id: str, claim_field: str, *, from_: Iterable[JobStatus]) -> bool:
-        """Write the submit claim before the POST; False when the job already has a claim or a request."""
-        return self._move(
-            job_id, from_=from_, raw={claim_field: repr(_now())}, absent=[claim_field, "fal"], count=["attempts:submit"]
-        ).applied
-
     def note(
         self,
         job_id: str,
@@ -373,7 +371,7 @@ class JobStore:
         encoded = {name: json.dumps(value) for name, value in (fields or {}).items()}
         encoded.update(raw or {})
         keys = self.keys
-        code, before_raw = self._move_script(
+        reply = self._move_script(
             keys=[
                 keys.job(job_id),
                 keys.events(job_id),
@@ -399,16 +397,17 @@ class JobStore:
                 _AT_FAL,
                 _ENDED,
                 repr(FINISHED_KEPT_S),
-            ],  # fmt: skip
+                _EVERY,
+            ],
         )
-        code = int(code)
+        code, before_raw, known = int(reply[0]), reply[1], reply[2:]
         if code == -1:
             raise JobNotFound(f"no job with id {job_id!r}")
         if code == -2:
             raise LeaseLost(f"job {job_id}: another runner holds it now; this one's work is not written")
         before = JobStatus(_text(before_raw)) if before_raw else None
         if code == 1 and to is not None and to is not before and self.observer is not None:
-            self.observer(self, job_id, before, to, fields or {}, event)
+            self.observer(self, job_id, before, to, fields or {}, event, known)
         return Moved(code == 1, before)
 
     # the schedules ---------------------------------------------------------
@@ -453,6 +452,11 @@ class JobStore:
             keys=[self.waiting_key], args=[repr(_now()), repr(typical_s), self.job_key(""), limit]
         )
         return int(moved)
+
+    def check_again(self, job_id: str, at: float) -> None:
+        """A status check that changed nothing: only its next time. `XX`: a job that left fal
+        meanwhile (stored by a webhook, cancelled) is not put back."""
+        self.redis.zadd(self.waiting_key, {job_id: at}, xx=True)
 
     def schedule(self, job_id: str, at: float) -> None:
         self.redis.zadd(self.schedule_key, {job_id: at})

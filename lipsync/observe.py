@@ -5,7 +5,7 @@ follow. Installed as the job store's observer, so no caller has to remember."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import redis
@@ -20,7 +20,13 @@ transition_log = logging.getLogger("lipsync.job")
 
 
 def observe(
-    store: JobStore, job_id: str, before: JobStatus | None, to: JobStatus, fields: Mapping[str, Any], event: str | None
+    store: JobStore,
+    job_id: str,
+    before: JobStatus | None,
+    to: JobStatus,
+    fields: Mapping[str, Any],
+    event: str | None,
+    known: Sequence[Any],
 ) -> None:
     fal = fields.get("fal")
     if isinstance(fal, Mapping) and fal.get("request_id"):
@@ -30,7 +36,7 @@ def observe(
         "job %s: %s -> %s%s", job_id, before.value if before else "?", to.value, f": {event}" if event else ""
     )
     try:
-        observe_transition(store, job_id, before, to, fields)
+        observe_transition(store, job_id, before, to, fields, known=known if len(known) == 4 else None)
     except Exception as exc:  # metrics never fail a job
         log.warning("metrics: could not record a transition of job %s: %s: %s", job_id, type(exc).__name__, exc)
 

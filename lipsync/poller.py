@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import threading
 import time
 from collections.abc import Sequence
@@ -234,24 +235,37 @@ class Poller:
     # outcomes ----------------------------------------------------------------
     def _still_waiting(self, job: WaitingJob, request: FalRequest, status: QueueStatus) -> None:
         to = JobStatus.in_queue if status.state is QueueState.in_queue else JobStatus.in_progress
+        due_at = self._next_check(job)
+        if to is job.status and status.queue_position == request.queue_position:
+            self.store.check_again(job.id, due_at)  # nothing new to write (logs come with the next change)
+            return
         fal = request.model_copy(update={"queue_position": status.queue_position})
         fields: dict[str, Any] = {"fal": fal.model_dump(mode="json")}
         if status.logs:
             fields["logs"] = [entry.model_dump(mode="json") for entry in status.logs[-jobs.LOG_TAIL :]]
-        now = time.time()
-        due_at = now + backoff(job.polls + 1, self.settings.poll_initial_s, self.settings.poll_max_s)
-        typical = self.first_check.typical()
-        if typical is not None and job.submitted_at is not None and now < job.submitted_at + typical < due_at:
-            due_at = job.submitted_at + typical  # never later than it could plausibly be done
         self.store.wait(
             job.id,
             due_at,
             from_=AT_FAL_STATUSES,
             to=to,
             fields=fields,
-            count=["attempts:poll"],
             event=None if to is job.status else f"fal reports {status.state.value}",
         )
+
+    def _next_check(self, job: WaitingJob) -> float:
+        """Backoff with jitter (1 s → 30 s); but never later than the job could plausibly be done,
+        and once past that moment, the backoff starts again from there."""
+        now = time.time()
+        settings = self.settings
+        typical = self.first_check.typical()
+        if typical is None or job.submitted_at is None:
+            return now + backoff(job.polls + 1, settings.poll_initial_s, settings.poll_max_s)
+        plausible = job.submitted_at + typical
+        if now < plausible:
+            return min(plausible, now + backoff(job.polls + 1, settings.poll_initial_s, settings.poll_max_s))
+        # Overdue: check again after about half the time it is overdue (1 s at least, 30 s at most).
+        overdue = now - plausible
+        return now + min(settings.poll_max_s, max(settings.poll_initial_s, overdue / 2)) * random.uniform(0.75, 1.25)
 
     def _retry_later(self, job: WaitingJob, message: str, delay: float | None = None) -> None:
         # Checks are bounded by the job's deadline rather than a count: fal may be slow for long.
@@ -265,7 +279,7 @@ class Poller:
             job.id,
             time.time() + wait,
             from_=AT_FAL_STATUSES,
-            count=["attempts:poll", "attempts:retry_wait"],
+            count=["attempts:retry_wait"],
             event=f"retry wait in {wait:.1f}s: {message}",
         )
 

@@ -14,29 +14,31 @@ import time
 
 from lipsync.errors import PermanentError, RetryableError
 from lipsync.fal import SubmitOutcomeUnknown
-from lipsync.lifecycle import Advance, Outcome, Wait, step
+from lipsync.lifecycle import Advance, Outcome, Wait
 from lipsync.models import FalRequest, Job, JobStatus
 from workers.context import Context
 from workers.runner import Lease, saved_request_id
 
 log = logging.getLogger("lipsync.worker")
 CLAIM_FIELD = "submit_claimed_at"
-HANDLES = step("submit").handles
 
 
 def submit(job: Job, ctx: Context, lease: Lease) -> Outcome:
     store, settings = ctx.store, ctx.settings
     if job.fal is not None:  # a redelivered submit whose job already has its request
         return Advance(JobStatus.submitted, event="already submitted")
-    if store.raw_field(job.id, CLAIM_FIELD) is not None:
+    if time.time() > job.deadline_at:
+        raise PermanentError("the job's deadline passed before it could be submitted", code="deadline_exceeded")
+    # The slot and the claim are taken in one call, before the POST.
+    admission = ctx.admission.admit(job.id, claim=CLAIM_FIELD, status=JobStatus.submitting.value)
+    if admission.claimed_before:
         raise SubmitOutcomeUnknown(
             "an earlier submit of this job was interrupted after it was sent to fal (the worker "
             "stopped or lost its answer); fal may have created a request, so it was not sent "
             "again to avoid paying twice. `lipsync retry` submits it anew."
         )
-    if time.time() > job.deadline_at:
-        raise PermanentError("the job's deadline passed before it could be submitted", code="deadline_exceeded")
-    admission = ctx.admission.admit(job.id)
+    if admission.refused:
+        return None  # cancelled meanwhile: nothing to send
     if not admission.admitted:
         return Wait(max(0.05, admission.retry_after))
     video, audio = job.inputs["video"], job.inputs["audio"]
@@ -44,13 +46,12 @@ def submit(job: Job, ctx: Context, lease: Lease) -> Outcome:
     arguments = job.request.model_dump(mode="json", exclude_none=True)
     arguments["video_url"] = ctx.storage.presign_get(video.staging_key, ttl)
     arguments["audio_url"] = ctx.storage.presign_get(audio.staging_key, ttl)
-    if not store.claim_submit(job.id, CLAIM_FIELD, from_=HANDLES):
-        return None  # cancelled meanwhile, or claimed: nothing to send
     webhook = f"{settings.fal_webhook_url.rstrip('/')}/{job.id}" if settings.fal_webhook_url else None
     try:
         request = ctx.fal.submit(arguments, marker=job.id, webhook_url=webhook)
     except RetryableError:
-        # Proven not created (connect error, 429, 5xx before fal's queue): free to try again.
+        # Proven not created (connect error, 429, 5xx before fal's queue): free to try again
+        # (the runner's write of this retry gives the slot back).
         store.note(job.id, delete=[CLAIM_FIELD])
         raise
 

@@ -27,16 +27,20 @@
 -- ARGV[13] statuses at fal, space-separated
 -- ARGV[14] end statuses, space-separated
 -- ARGV[15] seconds the finished index keeps a job
--- Returns {1, status before} written; {0, status before} refused (status or absent fields;
--- the runner's lease is given back all the same);
--- {-1, ''} no such job; {-2, status before} the lease is another runner's (nothing written).
--- The admission slot is freed when the job changes to a status not at fal, or a runner's
--- outcome leaves it outside fal: taking and giving back a slot is part of the job's state.
+-- ARGV[16] every status, space-separated (to read when the job entered the one it leaves)
+-- Returns {1, status before, entered it at, submitted at, queued at, cost estimate} written
+-- (the last four for the job metrics); {0, status before} refused (status or absent fields;
+-- the runner's lease is given back all the same); {-1, ''} no such job; {-2, status before}
+-- the lease is another runner's (nothing written).
+-- The admission slot is freed when the job leaves fal, or a runner's outcome leaves a job in
+-- `submitting` (its POST did not happen): taking and giving back a slot is part of the job's state.
 local function member(list, value)
   for s in string.gmatch(list, '%S+') do if s == value then return true end end
   return false
 end
-local found = redis.call('HMGET', KEYS[1], 'status', 'lease_owner')
+local names = {'status', 'lease_owner', 'callback_url', 'ts:submitted', 'ts:queued', 'cost_estimate_usd'}
+for s in string.gmatch(ARGV[16], '%S+') do names[#names + 1] = 'ts:' .. s end
+local found = redis.call('HMGET', KEYS[1], unpack(names))
 local cur = found[1]
 if not cur then return {-1, ''} end
 local owner = ARGV[6]
@@ -52,6 +56,10 @@ if refused then
   -- the job moved on without this runner (cancelled, say): its lease goes, nothing else changes
   if ours then redis.call('HDEL', KEYS[1], 'lease_owner', 'lease_until') end
   return {0, cur}
+end
+local entered = false
+for i = 7, #names do
+  if names[i] == 'ts:' .. cur then entered = found[i] end
 end
 local now = ARGV[2]
 local to = cur
@@ -83,20 +91,17 @@ if ours or (ended and to ~= cur) then
 end
 if #del > 0 then redis.call('HDEL', KEYS[1], unpack(del)) end
 for f in string.gmatch(ARGV[10], '%S+') do redis.call('HINCRBY', KEYS[1], f, 1) end
+local was_at_fal = member(ARGV[13], cur)
 local at_fal = member(ARGV[13], to)
 if ended or ARGV[7] == '-' then
-  redis.call('ZREM', KEYS[3], ARGV[1])
-  redis.call('ZREM', KEYS[4], ARGV[1])
+  redis.call('ZREM', was_at_fal and KEYS[4] or KEYS[3], ARGV[1])
 elseif ARGV[7] ~= '' then
-  if at_fal then
-    redis.call('ZADD', KEYS[4], ARGV[7], ARGV[1])
-    if not member(ARGV[13], cur) then redis.call('ZREM', KEYS[3], ARGV[1]) end
-  else
-    redis.call('ZADD', KEYS[3], ARGV[7], ARGV[1])
-    if member(ARGV[13], cur) then redis.call('ZREM', KEYS[4], ARGV[1]) end
-  end
+  redis.call('ZADD', at_fal and KEYS[4] or KEYS[3], ARGV[7], ARGV[1])
+  if at_fal ~= was_at_fal then redis.call('ZREM', was_at_fal and KEYS[4] or KEYS[3], ARGV[1]) end
 end
-if not at_fal and (to ~= cur or ARGV[6] ~= '') then redis.call('SREM', KEYS[5], ARGV[1]) end
+if not at_fal and (was_at_fal or (cur == 'submitting' and (to ~= cur or ARGV[6] ~= ''))) then
+  redis.call('SREM', KEYS[5], ARGV[1])
+end
 if ARGV[12] ~= '' then
   redis.call('XADD', KEYS[2], 'MAXLEN', '~', 500, '*', 'status', to, 'from', cur, 'at', now, 'event', ARGV[12])
 end
@@ -106,6 +111,6 @@ if ended and to ~= cur then
   if string.sub(ARGV[1], -2) == '00' then
     redis.call('ZREMRANGEBYSCORE', KEYS[6], '-inf', tonumber(now) - tonumber(ARGV[15]))
   end
-  if redis.call('HEXISTS', KEYS[1], 'callback_url') == 1 then redis.call('ZADD', KEYS[7], now, ARGV[1]) end
+  if found[3] then redis.call('ZADD', KEYS[7], now, ARGV[1]) end
 end
-return {1, cur}
+return {1, cur, entered, found[4] or false, found[5] or false, found[6] or false}

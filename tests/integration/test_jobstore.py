@@ -63,13 +63,16 @@ def test_ending_a_job_leaves_both_schedules(store: JobStore) -> None:
 
 def test_only_one_of_many_concurrent_submit_claims_wins(store: JobStore) -> None:
     job, _ = store.create(new_job(store), dispatch_lease_s=30)
+    admission = AdmissionControl(store.redis, prefix=store.prefix, max_in_flight=100, submits_per_second=1000)
 
-    def claim(_: int) -> bool:
-        return store.claim_submit(job.id, "submit_claimed_at", from_=[JobStatus.queued])
+    def claim(_: int) -> Any:
+        return admission.admit(job.id, claim="submit_claimed_at", status="queued")
 
     with ThreadPoolExecutor(16) as pool:
-        assert sum(pool.map(claim, range(64))) == 1
-    assert store.get(job.id).attempts["submit"] == 1
+        outcomes = list(pool.map(claim, range(64)))
+    assert sum(o.admitted for o in outcomes) == 1
+    assert sum(o.claimed_before for o in outcomes) == 63  # the others know a POST may be out
+    assert store.get(job.id).attempts["submit"] == 1 and admission.in_flight() == 1
 
 
 def test_lease_excludes_a_second_runner_until_it_lapses(store: JobStore) -> None:
@@ -148,8 +151,7 @@ def test_the_admission_slot_is_held_while_at_fal_and_freed_when_the_job_leaves(r
     admission = AdmissionControl(client, prefix=prefix, max_in_flight=1, submits_per_second=1000)
     job, _ = store.create(new_job(store), dispatch_lease_s=30)
     store.advance(job.id, JobStatus.submitting, from_=[JobStatus.queued], due_at=time.time())
-    assert admission.admit(job.id).admitted
-    store.claim_submit(job.id, "submit_claimed_at", from_=[JobStatus.submitting])
+    assert admission.admit(job.id, claim="submit_claimed_at").admitted
     store.advance(
         job.id, JobStatus.submitted, from_=[JobStatus.submitting], fields={"fal": FAL.model_dump()}, due_at=time.time()
     )
