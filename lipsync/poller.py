@@ -10,7 +10,8 @@ schedule in one round trip, checks them concurrently over one pooled keep-alive
 keeps large results only minutes) and handed to `store` straight away.
 
 A job's first check comes when fal could first plausibly be done: the faster end (10th
-percentile) of recent inference times, which the poller itself records. fal webhooks, where
+percentile) of recent times at fal (submit to result), which the poller itself records; on a
+cold start a few scout jobs are checked every second until the first one ends. fal webhooks, where
 configured, are the fast path; then the poller is the safety net (`poll_initial_s` raised).
 """
 
@@ -40,13 +41,14 @@ from lipsync.redis_client import connect
 
 log = logging.getLogger("lipsync.poller")
 
-RECENT = 100  # inference times kept for the first-check estimate
+RECENT = 100  # times at fal kept for the first-check estimate
 IDLE_S = 1.0  # the longest pause with nothing due
+SCOUTS = 3  # jobs checked every second while fal's typical time is unknown
 
 
 class FirstCheck:
     """When a job at fal could first plausibly be done: the faster end (10th percentile) of recent
-    inference times, shared by every worker through Redis (read at most every 10 s)."""
+    times at fal (submit to result), shared by every worker through Redis (read at most every 10 s)."""
 
     def __init__(self, client: redis.Redis[bytes], keys: Keys, settings: Settings) -> None:
         self.redis, self.key, self.settings = client, keys.fal_seconds, settings
@@ -70,7 +72,7 @@ class FirstCheck:
         return max(self.settings.poll_initial_s, self.typical() or 0.0)
 
     def learn(self, seconds: Sequence[float]) -> float | None:
-        """Record inference times just seen; returns the typical time when it is new or shorter by a fifth."""
+        """Record times at fal just seen; returns the typical time when it is new or shorter by a fifth."""
         before = self.typical()
         pipe = self.redis.pipeline(transaction=False)
         pipe.lpush(self.key, *[repr(t) for t in seconds])
@@ -119,6 +121,7 @@ class Poller:
         self._thread = threading.Thread(target=self._main, name="lipsync-poller", daemon=True)
         self._inference_times: list[float] = []
         self.first_check = FirstCheck(self.redis, self.keys, settings)
+        self._scouts: dict[str, float] = {}  # see `_next_check`
 
     # lifecycle of the thread --------------------------------------------------
     def start(self) -> None:
@@ -163,6 +166,7 @@ class Poller:
 
     # one job -----------------------------------------------------------------
     async def check_one(self, job: WaitingJob, http: httpx.AsyncClient) -> None:
+        self._scouts.pop(job.id, None)  # a scout again below if it is still waiting
         try:
             await self.check(job, http)
         except Exception as exc:  # one job's trouble never stops the others
@@ -203,8 +207,10 @@ class Poller:
         except PermanentError as exc:
             self._fail(job, request, exc)
             return
-        if status.inference_time is not None:
-            self._inference_times.append(float(status.inference_time))
+        if job.submitted_at is not None:
+            # What a job spends at fal, submit to result (fetching inputs, queue, inference):
+            # the first check's moment. Seen through checks, so a little late, never early.
+            self._inference_times.append(max(0.0, time.time() - job.submitted_at))
         if jobs.finish_with_result(
             self.store,
             job.id,
@@ -258,6 +264,16 @@ class Poller:
         now = time.time()
         settings = self.settings
         typical = self.first_check.typical()
+        if typical is None:
+            # Nothing learned yet (a cold start): a few jobs, the scouts, are checked every
+            # `poll_initial_s`; the first end teaches the typical time, which brings every
+            # other job's check forward to when it could be done. Until then the others wait
+            # at the backoff's cap. A few checks for the batch instead of a late notice for each.
+            self._scouts = {i: at for i, at in self._scouts.items() if now - at < settings.poll_max_s}
+            if job.id in self._scouts or len(self._scouts) < SCOUTS:
+                self._scouts[job.id] = now
+                return now + settings.poll_initial_s * random.uniform(0.9, 1.1)
+            return now + settings.poll_max_s * random.uniform(0.75, 1.0)
         if typical is None or job.submitted_at is None:
             return now + backoff(job.polls + 1, settings.poll_initial_s, settings.poll_max_s)
         plausible = job.submitted_at + typical
