@@ -56,7 +56,11 @@ def job_at_store(ctx: Context, output: File) -> Job:
     now = time.time()
     media = MediaInfo(staging_key="staging/x", sha256="0" * 64, size=1, container="mp4", duration=3.0)
     fal = FalRequest(
-        request_id="req-size", status_url="http://x/s", response_url="http://x/r", cancel_url="http://x/c", output=output
+        request_id="req-size",
+        status_url="http://x/s",
+        response_url="http://x/r",
+        cancel_url="http://x/c",
+        output=output,
     )
     job = Job(
         id=ctx.store.new_id(), status=JobStatus.queued, request=LipsyncInput(video_url="s3://b/v", audio_url="s3://b/a"),
@@ -64,7 +68,10 @@ def job_at_store(ctx: Context, output: File) -> Job:
         inputs={"video": media, "audio": media},
     )  # fmt: skip
     ctx.store.create(job, dispatch_lease_s=3600)
-    fields = {"fal": fal.model_dump(mode="json"), "inputs": {k: v.model_dump(mode="json") for k, v in job.inputs.items()}}
+    fields = {
+        "fal": fal.model_dump(mode="json"),
+        "inputs": {k: v.model_dump(mode="json") for k, v in job.inputs.items()},
+    }
     ctx.store.advance(job.id, JobStatus.storing, from_=[JobStatus.queued], fields=fields, due_at=now + 3600)
     return job
 
@@ -77,7 +84,9 @@ def test_output_shorter_than_fal_announced_is_fetched_again_never_stored(
     run_step(step("store"), job.id, ctx, store)
     after = ctx.store.get(job.id)
     assert after.status is JobStatus.storing and after.attempts.get("retry_store") == 1
-    assert any("output_size_mismatch" in e["event"] or "fetching it again" in e["event"] for e in ctx.store.events(job.id))
+    assert any(
+        "output_size_mismatch" in e["event"] or "fetching it again" in e["event"] for e in ctx.store.events(job.id)
+    )
     assert ctx.storage.head(f"{ctx.settings.output_prefix}/{job.id}.mp4") is None
     assert ctx.store.raw_field(job.id, "lease_owner") is None  # the retry's write gave the lease back
 
