@@ -174,8 +174,11 @@ class Poller:
             self._retry_later(job, f"unexpected error in the status check: {type(exc).__name__}")
 
     async def check(self, job: WaitingJob, http: httpx.AsyncClient) -> None:
-        if job.fal is None:  # cannot be at fal without a request; the dispatcher's turn
+        if job.fal is None or job.status not in AT_FAL_STATUSES:
+            # Not at fal (any more): the dispatcher's, if it needs a step at all.
             self.store.unschedule(job.id)
+            if not job.status.terminal:
+                self.store.schedule(job.id, time.time())
             return
         request = FalRequest.model_validate(job.fal)
         if time.time() > job.deadline_at:

@@ -60,9 +60,10 @@ def _serve_metrics(**_: Any) -> None:
 
 def _consumes(sender: Any, queue: str) -> bool:
     try:
-        return queue in set(sender.app.amqp.queues.consume_from)
+        consumed = sender.app.amqp.queues.consume_from
     except AttributeError:  # not a consumer we know: assume it does
         return True
+    return consumed is None or queue in set(consumed)  # None: every queue
 
 
 @worker_ready.connect
