@@ -54,8 +54,8 @@ def markdown(table: dict[str, Any], before: dict[str, Any], after: dict[str, Any
         "",
         f"{meta['date']}, scale `{meta['scale']}` ({meta['scale_parameters']['overhead_jobs']} jobs, "
         f"L = {meta['scale_parameters']['overhead_latency']} s, {meta['scale_parameters']['reps']} repetitions each), "
-        f"{meta['cpus']} CPUs. Before: {before['meta'].get('note') or 'previous commit'}; "
-        f"after: {meta.get('note') or 'this branch'}. Figures are medians (min–max) over the repetitions; "
+        f"{meta['cpus']} CPUs. {before['meta'].get('note') or 'before: the previous commit'}; "
+        f"{meta.get('note') or 'after: this branch'}. Figures are medians (min–max) over the repetitions; "
         "ratio = before ÷ after (above 1: after is ahead on a figure where lower is better).",
         "",
     ]
