@@ -423,13 +423,12 @@ def tenants_list(as_json: bool) -> None:
 
 
 def _tenant_store() -> Any:
-    import redis
-
     from config.settings import get_settings
+    from lipsync.redis_client import connect
     from lipsync.tenants import TenantStore
 
     settings = get_settings()
-    return TenantStore(redis.Redis.from_url(settings.redis_url, socket_timeout=10), settings.key_prefix)
+    return TenantStore(connect(settings.redis_url), settings.key_prefix)
 
 
 def _print_credentials(credentials: Any) -> None:
