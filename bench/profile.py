@@ -14,7 +14,7 @@ from typing import Any
 
 from bench.stack import Workers
 
-# py-spy names files relative to their sys.path entry: "kombu/messaging.py", "workers/poll.py".
+# py-spy names files relative to their sys.path entry: "kombu/messaging.py", "workers/stage.py".
 _COMPONENTS = (
     ("lipsync.probe / PyAV", ("av/", "lipsync/probe.py", "emulator/media.py")),
     ("hashing", ("hashlib", "workers/transit.py")),
@@ -28,7 +28,10 @@ _COMPONENTS = (
     ("json", ("json/",)),
     ("logging", ("logging/", "config/logging.py")),
     ("ssl / socket", ("ssl.py", "socket.py", "selectors.py")),
-    ("job store / runner", ("lipsync/jobstore.py", "lipsync/admission.py", "workers/")),
+    (
+        "job store / runner / poller",
+        ("lipsync/jobstore.py", "lipsync/admission.py", "lipsync/poller.py", "lipsync/jobs.py", "workers/"),
+    ),
 )
 _FRAME = re.compile(r"\(([^()]*):\d+\)$")
 # Generic frames (a socket read, json) count for whoever called them, when a caller is known.

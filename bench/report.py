@@ -202,7 +202,8 @@ def _overhead_section(over: Mapping[str, Any], plots: Mapping[str, str]) -> list
         f"## Overhead and baselines: {over['jobs']} tiny jobs, L = {over['latency_s']:g} s, no concurrency limit",
         "",
         f"Baselines get {over['baseline_width']} threads each (jobs in flight at once); the pipeline runs "
-        'its shipped workers (transfer: prefork × 2, api: threads × 8). "+ fal webhooks": the same workers with '
+        "its shipped workers (transfer: threads × 16, api: threads × 8 with the poller). "
+        '"+ fal webhooks": the same workers with '
         "`lipsync serve` receiving fal's signed webhooks (its CPU counted with the workers'), and polling "
         "relaxed to a safety net (`LIPSYNC_POLL_INITIAL_S=10`, `LIPSYNC_POLL_MAX_S=120`).",
         "",

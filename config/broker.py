@@ -64,7 +64,9 @@ def broker_options(settings: Settings) -> dict[str, Any]:
 
 
 def _redis_options(settings: Settings) -> dict[str, Any]:
-    transfer_limit = int(settings.fetch_timeout_s * 2 + 600)
+    from lipsync.lifecycle import transfer_limit_s
+
+    transfer_limit = transfer_limit_s(settings)
     return {
         # Unacked messages come back after this long on Redis. Longer than the longest task,
         # so a slow transfer is not run twice; a crashed worker's job is picked up much

@@ -24,13 +24,12 @@ from typing import Any
 
 from config.broker import broker_options
 from config.settings import Settings
+from lipsync.lifecycle import TASK_QUEUES, TASK_STEPS
 
-TASK_QUEUES = ("transfer", "api")
+__all__ = ["TASK_QUEUES", "celery_config"]
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
-    # Every transfer may take long (a 2 GB download): its hard limit covers fetch + upload.
-    transfer_limit = int(settings.fetch_timeout_s * 2 + 600)
     return {
         # broker_url, the transport and its options, by the URL's scheme (Redis or RabbitMQ).
         **broker_options(settings),
@@ -40,12 +39,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # Messages carry a job id and nothing else; JSON only (no pickle from the broker).
         "task_serializer": "json",
         "accept_content": ["json"],
-        "task_routes": {
-            "lipsync.stage": {"queue": "transfer"},
-            "lipsync.store": {"queue": "transfer"},
-            "lipsync.submit": {"queue": "api"},
-            "lipsync.poll": {"queue": "api"},
-        },
+        # Routes and time limits come from the lifecycle table (`lipsync.lifecycle.STEPS`).
+        "task_routes": {step.task_name: {"queue": step.queue} for step in TASK_STEPS},
         "task_default_queue": "api",
         "task_create_missing_queues": True,
         # Ack after the task ran, and hand the message back if the worker process dies, so a
@@ -54,16 +49,19 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_reject_on_worker_lost": True,
         # One message reserved per process: a long transfer must not sit on others' work.
         "worker_prefetch_multiplier": 1,
-        # Time limits: api tasks are single HTTP calls; transfer tasks move media.
+        # Time limits: api tasks are single HTTP calls; transfer tasks move media. The soft
+        # limit comes first, so a step can still fail the job in words.
         "task_annotations": {
-            "lipsync.submit": {"time_limit": 120, "soft_time_limit": 90},
-            "lipsync.poll": {"time_limit": 120, "soft_time_limit": 90},
-            "lipsync.stage": {"time_limit": transfer_limit + 60, "soft_time_limit": transfer_limit},
-            "lipsync.store": {"time_limit": transfer_limit + 60, "soft_time_limit": transfer_limit},
+            step.task_name: {
+                "time_limit": step.time_limit_s(settings) + 60,
+                "soft_time_limit": step.time_limit_s(settings),
+            }
+            for step in TASK_STEPS
         },
-        # Flower sees every task, including when it was sent.
+        # Flower sees every task the workers receive, run and finish. Not when it was sent: that
+        # event costs a Redis command per message in every producer, for a column nobody reads.
         "worker_send_task_events": True,
-        "task_send_sent_event": True,
+        "task_send_sent_event": False,
         "event_queue_expires": 60,
         "event_queue_ttl": 5,
         # Recycle prefork children now and then: PyAV/FFmpeg allocations fragment memory.

@@ -71,7 +71,7 @@ class Settings(BaseSettings):
     retry_max_s: float = 60.0
 
     # Worker.
-    transfer_concurrency: int = 4
+    transfer_concurrency: int = 16  # threads: transfers wait on S3 and HTTP, not on the CPU
     api_concurrency: int = 8
     http_timeout_s: float = 30.0
     run_dispatcher: bool = True

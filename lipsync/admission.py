@@ -1,6 +1,10 @@
 """Admission to fal, shared by every worker through Redis: a cap on jobs in flight and a submit rate.
 
-One Lua script decides both, so two workers can never both take the last slot.
+One Lua script (`lua/admit.lua`) decides both, so two workers can never both take the last
+slot. A slot is part of the job's state: it is taken here, by the submit step, and given back
+by the job store's one write (`lua/move.lua`) when the job leaves fal, whichever way it leaves
+(result stored, failed, cancelled, retried, or a submit that did not reach fal). Nothing
+releases a slot by hand.
 """
 
 from __future__ import annotations
@@ -10,30 +14,18 @@ from dataclasses import dataclass
 
 import redis
 
-# Token bucket (capacity = one second of rate, at least 1) plus a set of jobs in flight.
-_ADMIT = """
-local inflight, bucket = KEYS[1], KEYS[2]
-local job, cap, rate, now = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-if redis.call('SISMEMBER', inflight, job) == 1 then return {1, '0'} end
-if redis.call('SCARD', inflight) >= cap then return {0, '1.0'} end
-local burst = math.max(1, rate)
-local tokens = tonumber(redis.call('HGET', bucket, 'tokens') or burst)
-local last = tonumber(redis.call('HGET', bucket, 'at') or now)
-tokens = math.min(burst, tokens + math.max(0, now - last) * rate)
-if tokens < 1 then
-  redis.call('HSET', bucket, 'tokens', tostring(tokens), 'at', tostring(now))
-  return {0, tostring((1 - tokens) / rate)}
-end
-redis.call('HSET', bucket, 'tokens', tostring(tokens - 1), 'at', tostring(now))
-redis.call('SADD', inflight, job)
-return {1, '0'}
-"""
+from lipsync.jobstore import load_script
+from lipsync.keys import Keys
 
 
 @dataclass(frozen=True)
 class Admission:
     admitted: bool
     retry_after: float
+    # With a claim: an earlier submit already claimed the job (it may have reached fal).
+    claimed_before: bool = False
+    # With a claim: the job moved on or has its request already; nothing was taken.
+    refused: bool = False
 
 
 class AdmissionControl:
@@ -41,21 +33,27 @@ class AdmissionControl:
         self, client: redis.Redis[bytes], *, prefix: str, max_in_flight: int, submits_per_second: float
     ) -> None:
         self.redis = client
-        self.inflight_key = f"{prefix}:inflight"
-        self.bucket_key = f"{prefix}:submit-rate"
+        self.keys = keys = Keys(prefix)
+        self.inflight_key = keys.inflight
+        self.bucket_key = keys.submit_rate
         self.max_in_flight = max_in_flight
         self.submits_per_second = submits_per_second
-        self._admit = client.register_script(_ADMIT)
+        self._admit = load_script(client, "admit")
 
-    def admit(self, job_id: str) -> Admission:
-        admitted, retry_after = self._admit(
-            keys=[self.inflight_key, self.bucket_key],
-            args=[job_id, self.max_in_flight, self.submits_per_second, repr(time.time())],
+    def admit(self, job_id: str, *, claim: str | None = None, status: str = "submitting") -> Admission:
+        """Take a slot for the job (or find it already holds one); else how long to wait.
+
+        With `claim`, the job's submit claim (that field, set to now) is written in the same
+        call, provided the job is in `status`, has no claim and no fal request yet.
+        """
+        code, retry_after = self._admit(
+            keys=[self.inflight_key, self.bucket_key, self.keys.job(job_id) if claim else ""],
+            args=[job_id, self.max_in_flight, self.submits_per_second, repr(time.time()), claim or "", status],
         )
-        return Admission(bool(int(admitted)), float(retry_after))
-
-    def release(self, job_id: str) -> None:
-        self.redis.srem(self.inflight_key, job_id)
+        code = int(code)
+        if code < 0:
+            return Admission(False, 0.0, claimed_before=code == -1, refused=code == -2)
+        return Admission(code == 1, float(retry_after))
 
     def in_flight(self) -> int:
         return int(self.redis.scard(self.inflight_key))

@@ -1,24 +1,31 @@
-"""The job store: one Redis hash per job, an event stream per job, and the durable schedule.
+"""The job store: one Redis hash per job, an event stream per job, and two durable schedules.
 
-Every write is one Lua script, so a transition, its timestamp, its event and the job's next
-entry in the schedule land together or not at all. The schedule (a sorted set of job ids
-scored by when the job next needs a worker) is what makes waiting free and crashes
-harmless: whoever claims an entry pushes its score one lease ahead, so a job whose worker
-died becomes due again by itself.
+Every write is one Lua script (in `lipsync/lua/`, each with a header naming its keys and
+arguments), so a job's status, fields, event, lease, schedule entry and admission slot change
+together or not at all. The writes are small and named (`create`, `begin`, `advance`, `wait`,
+`fail`, `cancel`, `requeue`, `note`); all of them are `move.lua` underneath, with different
+arguments. The schedules are sorted sets of job ids scored by when the job next needs looking
+at: `schedule` for Celery steps (the dispatcher's safety net), `waiting` for jobs at fal (the
+poller's work list). Whoever claims an entry pushes its score one lease ahead, so a job whose
+worker died becomes due again by itself.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import redis
 
 from lipsync.errors import IdempotencyConflict, JobNotFound
-from lipsync.models import Job, JobStatus
+from lipsync.keys import Keys
+from lipsync.models import AT_FAL_STATUSES, TERMINAL_STATUSES, Job, JobError, JobStatus
 
 # Top-level Job fields stored as JSON, one hash field each (status and timestamps are separate).
 _JSON_FIELDS = (
@@ -27,133 +34,87 @@ _JSON_FIELDS = (
     "updated_at", "deadline_at", "tenant", "callback_url", "fal_priority",
 )  # fmt: skip
 
-_TRANSITION = """
-local spec = cjson.decode(ARGV[1])
-local cur = redis.call('HGET', KEYS[1], 'status')
-if not cur then return {-1, ''} end
-if spec['from'] then
-  local allowed = false
-  for _, s in ipairs(spec['from']) do if s == cur then allowed = true end end
-  if not allowed then return {0, cur} end
-end
-if spec['require_absent'] then
-  for _, f in ipairs(spec['require_absent']) do
-    if redis.call('HEXISTS', KEYS[1], f) == 1 then return {0, cur} end
-  end
-end
-local now = spec['now']
-local to = spec['to']
-if to then
-  redis.call('HSET', KEYS[1], 'status', to)
-  if to ~= cur then
-    -- ts:<status> is when the job entered it: a poll that finds it still in_queue keeps it.
-    redis.call('HSET', KEYS[1], 'ts:' .. to, now)
-    redis.call('SREM', spec['prefix'] .. ':status:' .. cur, spec['id'])
-    redis.call('SADD', spec['prefix'] .. ':status:' .. to, spec['id'])
-  end
-end
-redis.call('HSET', KEYS[1], 'updated_at', now)
-if spec['set'] then
-  for f, v in pairs(spec['set']) do redis.call('HSET', KEYS[1], f, v) end
-end
-if spec['del'] then
-  for _, f in ipairs(spec['del']) do redis.call('HDEL', KEYS[1], f) end
-end
-if spec['incr'] then
-  for f, n in pairs(spec['incr']) do redis.call('HINCRBY', KEYS[1], f, n) end
-end
-if spec['release'] and redis.call('HGET', KEYS[1], 'lease_owner') == spec['release'] then
-  redis.call('HDEL', KEYS[1], 'lease_owner', 'lease_until')
-end
-if spec['schedule'] == 'remove' then
-  redis.call('ZREM', KEYS[3], spec['id'])
-elseif spec['schedule'] then
-  redis.call('ZADD', KEYS[3], spec['schedule'], spec['id'])
-end
-if spec['event'] then
-  redis.call('XADD', KEYS[2], 'MAXLEN', '~', 500, '*',
-    'status', to or cur, 'from', cur, 'at', tostring(now), 'event', spec['event'])
-end
-if spec['ended'] and redis.call('HEXISTS', KEYS[1], 'callback_url') == 1 then
-  redis.call('ZADD', spec['prefix'] .. ':callbacks', now, spec['id'])
-end
-if spec['finished'] then
-  redis.call('ZADD', spec['prefix'] .. ':finished', now, spec['id'])
-  redis.call('ZREMRANGEBYSCORE', spec['prefix'] .. ':finished', '-inf', now - spec['finished'])
-end
-return {1, cur}
-"""
-
-_CREATE = """
-local spec = cjson.decode(ARGV[1])
-if spec['idem_key'] then
-  local existing = redis.call('GET', spec['idem_key'])
-  if existing then return {0, existing} end
-  redis.call('SET', spec['idem_key'], spec['id'])
-end
-for f, v in pairs(spec['fields']) do redis.call('HSET', KEYS[1], f, v) end
-redis.call('ZADD', spec['prefix'] .. ':jobs', spec['now'], spec['id'])
-redis.call('SADD', spec['prefix'] .. ':status:queued', spec['id'])
-if spec['batch_id'] then
-  redis.call('ZADD', spec['prefix'] .. ':batch:' .. spec['batch_id'], spec['now'], spec['id'])
-end
-if spec['tenant'] then
-  redis.call('ZADD', spec['prefix'] .. ':tenant:' .. spec['tenant'] .. ':jobs', spec['now'], spec['id'])
-end
-redis.call('ZADD', KEYS[3], spec['schedule'], spec['id'])
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', 500, '*',
-  'status', 'queued', 'from', '', 'at', tostring(spec['now']), 'event', 'created')
-return {1, spec['id']}
-"""
-
-# A runner lease on a job: only one task works on a job at a time; a dead runner's lease lapses.
-_LEASE = """
-local owner = redis.call('HGET', KEYS[1], 'lease_owner')
-local until_ = tonumber(redis.call('HGET', KEYS[1], 'lease_until') or '0')
-local now = tonumber(ARGV[2])
-if not redis.call('HGET', KEYS[1], 'status') then return -1 end
-if owner and owner ~= ARGV[1] and until_ > now then return 0 end
-if ARGV[4] == 'renew' and owner ~= ARGV[1] then return 0 end
-local expiry = now + tonumber(ARGV[3])
-redis.call('HSET', KEYS[1], 'lease_owner', ARGV[1], 'lease_until', tostring(expiry))
-redis.call('ZADD', KEYS[2], 'XX', 'GT', expiry, ARGV[5])
-return 1
-"""
-
-# Claim due schedule entries: each claimed entry is pushed one lease into the future.
-_CLAIM = """
-local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))
-local until_ = tonumber(ARGV[1]) + tonumber(ARGV[2])
-for _, id in ipairs(due) do redis.call('ZADD', KEYS[1], until_, id) end
-return due
-"""
-
-
 FINISHED_KEPT_S = 7 * 24 * 3600.0
+_LUA = Path(__file__).resolve().parent / "lua"
+_AT_FAL = " ".join(sorted(s.value for s in AT_FAL_STATUSES))
+_ENDED = " ".join(sorted(s.value for s in TERMINAL_STATUSES))
+_NOT_ENDED = [s for s in JobStatus if not s.terminal]
+_EVERY = " ".join(s.value for s in JobStatus)
+
+log = logging.getLogger("lipsync.job")
+
+# Called after every applied status change: (store, job id, before, after, fields written, event,
+# what the write read for the metrics: when the job entered `before`, ts:submitted, ts:queued, cost).
+Observer = Callable[["JobStore", str, JobStatus | None, JobStatus, Mapping[str, Any], str | None, Sequence[Any]], None]
+
+
+def load_script(client: redis.Redis[bytes], name: str) -> Any:
+    return client.register_script((_LUA / f"{name}.lua").read_text())
+
+
+class LeaseLost(Exception):
+    """Another runner holds the job now (ours lapsed): stop, and write nothing."""
+
+
+@dataclass(frozen=True)
+class Moved:
+    applied: bool
+    before: JobStatus | None
+
+
+@dataclass(frozen=True)
+class Begun:
+    """What `begin` found: the job with our lease on it, or why not."""
+
+    job: Job | None
+    busy: bool = False  # another live runner holds the job
+    status: JobStatus | None = None  # the job's status when it is not this step's
+
+
+@dataclass(frozen=True)
+class WaitingJob:
+    """A job at fal whose status check is due, as the poller claimed it."""
+
+    id: str
+    status: JobStatus
+    fal: dict[str, Any] | None
+    deadline_at: float
+    polls: int
+    submitted_at: float | None
 
 
 def _now() -> float:
     return time.time()
 
 
+def _names(statuses: Iterable[JobStatus] | None) -> str:
+    return "" if statuses is None else " ".join(s.value for s in statuses)
+
+
 class JobStore:
-    def __init__(self, client: redis.Redis[bytes], prefix: str = "lipsync") -> None:
+    def __init__(
+        self, client: redis.Redis[bytes], prefix: str = "lipsync", *, observer: Observer | None = None
+    ) -> None:
         self.redis = client
         self.prefix = prefix
-        self.schedule_key = f"{prefix}:schedule"
-        # Jobs that ended with a callback still to deliver, scored by the next attempt's time.
-        self.callbacks_key = f"{prefix}:callbacks"
-        self._transition = client.register_script(_TRANSITION)
-        self._create = client.register_script(_CREATE)
-        self._lease = client.register_script(_LEASE)
-        self._claim = client.register_script(_CLAIM)
+        self.keys = Keys(prefix)
+        self.schedule_key = self.keys.schedule
+        self.waiting_key = self.keys.waiting
+        self.callbacks_key = self.keys.callbacks
+        self.observer = observer
+        self._create = load_script(client, "create")
+        self._begin = load_script(client, "begin")
+        self._renew = load_script(client, "renew")
+        self._move_script = load_script(client, "move")
+        self._claim = load_script(client, "claim")
+        self._claim_waiting = load_script(client, "claim_waiting")
+        self._rescore_waiting = load_script(client, "rescore_waiting")
 
-    # keys ------------------------------------------------------------------
     def job_key(self, job_id: str) -> str:
-        return f"{self.prefix}:job:{job_id}"
+        return self.keys.job(job_id)
 
     def events_key(self, job_id: str) -> str:
-        return f"{self.prefix}:job:{job_id}:events"
+        return self.keys.events(job_id)
 
     # create / read ---------------------------------------------------------
     @staticmethod
@@ -161,7 +122,7 @@ class JobStore:
         return uuid.uuid4().hex
 
     def create(self, job: Job, *, dispatch_lease_s: float) -> tuple[Job, bool]:
-        """Store a new job, due at once in the schedule. Returns (job, created).
+        """Store a new job, due in the schedule one dispatch lease from now. Returns (job, created).
 
         With an idempotency key already used, returns the job that key made, provided it
         was made from the same request; a different request under the same key is an error.
@@ -169,25 +130,20 @@ class JobStore:
         document = job.model_dump(mode="json")
         # Absent, not null: "no fal request yet" must be testable with HEXISTS in Lua.
         fields = {name: json.dumps(document[name]) for name in _JSON_FIELDS if document[name] is not None}
-        fields["status"] = job.status.value
-        fields["ts:queued"] = repr(job.created_at)
-        fields["id"] = job.id
-        spec: dict[str, Any] = {
-            "id": job.id,
-            "prefix": self.prefix,
-            "now": job.created_at,
-            "fields": fields,
-            "schedule": job.created_at + dispatch_lease_s,
-        }
-        if job.batch_id is not None:  # cjson turns null into a userdata, not nil: leave it out
-            spec["batch_id"] = job.batch_id
-        if job.tenant is not None:
-            spec["tenant"] = job.tenant
-        if job.idempotency_key is not None:
-            spec["idem_key"] = f"{self.prefix}:idem:{job.idempotency_key}"
+        fields.update({"status": job.status.value, "ts:queued": repr(job.created_at), "id": job.id})
+        keys = self.keys
         created, job_id = self._create(
-            keys=[self.job_key(job.id), self.events_key(job.id), self.schedule_key],
-            args=[json.dumps(spec)],
+            keys=[
+                keys.job(job.id),
+                keys.events(job.id),
+                keys.schedule,
+                keys.jobs,
+                keys.status("queued"),
+                keys.idempotency(job.idempotency_key) if job.idempotency_key is not None else "",
+                keys.batch(job.batch_id) if job.batch_id is not None else "",
+                keys.tenant_jobs(job.tenant) if job.tenant is not None else "",
+            ],  # fmt: skip
+            args=[job.id, repr(job.created_at), repr(job.created_at + dispatch_lease_s), json.dumps(fields)],
         )
         if created:
             return job, True
@@ -221,127 +177,309 @@ class JobStore:
 
     def list_ids(self, *, status: JobStatus | None = None, batch_id: str | None = None, limit: int = 100) -> list[str]:
         if batch_id is not None:
-            ids = [_text(i) for i in self.redis.zrange(f"{self.prefix}:batch:{batch_id}", 0, -1)]
+            ids = [_text(i) for i in self.redis.zrange(self.keys.batch(batch_id), 0, -1)]
             if status is not None:
                 members = self.statuses(ids)
                 ids = [i for i in ids if members[i] is status]
             return ids[-limit:] if limit else ids
         if status is not None:
-            ids = [_text(i) for i in self.redis.smembers(f"{self.prefix}:status:{status.value}")]
+            ids = [_text(i) for i in self.redis.smembers(self.keys.status(status.value))]
             return ids[:limit] if limit else ids
-        return [_text(i) for i in self.redis.zrevrange(f"{self.prefix}:jobs", 0, limit - 1)]
+        return [_text(i) for i in self.redis.zrevrange(self.keys.jobs, 0, limit - 1)]
 
     def counts(self) -> dict[str, int]:
         pipe = self.redis.pipeline(transaction=False)
         for status in JobStatus:
-            pipe.scard(f"{self.prefix}:status:{status.value}")
+            pipe.scard(self.keys.status(status.value))
         return {s.value: int(n) for s, n in zip(JobStatus, pipe.execute(), strict=True)}
 
     def finished_ids(self, since: float) -> list[str]:
         """Jobs that reached an end status since `since` (kept a week), oldest first."""
-        return [_text(i) for i in self.redis.zrangebyscore(f"{self.prefix}:finished", since, "+inf")]
+        return [_text(i) for i in self.redis.zrangebyscore(self.keys.finished, since, "+inf")]
 
     def events(self, job_id: str) -> list[dict[str, str]]:
         entries = self.redis.xrange(self.events_key(job_id))
         return [{_text(k): _text(v) for k, v in fields.items()} for _, fields in entries]
 
-    # writes ----------------------------------------------------------------
-    def transition(
+    def raw_field(self, job_id: str, name: str) -> str | None:
+        value = self.redis.hget(self.job_key(job_id), name)
+        return None if value is None else _text(value)
+
+    # a step's hold on a job ------------------------------------------------
+    def begin(
         self,
         job_id: str,
-        to: JobStatus | None,
+        owner: str,
+        lease_s: float,
+        handles: Iterable[JobStatus],
         *,
-        from_: Iterable[JobStatus] | None = None,
-        set_fields: Mapping[str, Any] | None = None,
-        delete_fields: Iterable[str] = (),
-        incr: Mapping[str, int] | None = None,
-        require_absent: Iterable[str] = (),
-        schedule_at: float | None = None,
-        unschedule: bool = False,
-        release: str | None = None,
-        event: str | None = None,
-    ) -> tuple[bool, JobStatus | None]:
-        """Move a job to `to` (or only update it when `to` is None) if its status is in `from_`.
-
-        Returns (applied, status before). `set_fields` values are JSON-encoded job fields,
-        except names starting with an underscore, stored as plain strings.
-        """
-        spec: dict[str, Any] = {"id": job_id, "prefix": self.prefix, "now": _now()}
-        if to is not None:
-            spec["to"] = to.value
-            if to.terminal:
-                unschedule = True
-                spec["finished"] = FINISHED_KEPT_S  # time-indexed for `lipsync stats`
-                spec["ended"] = True  # queues the job's callback, if it has one, in the same script
-        if from_ is not None:
-            spec["from"] = [s.value for s in from_]
-        if set_fields:
-            spec["set"] = {
-                name.lstrip("_") if name.startswith("_") else name: (
-                    str(value) if name.startswith("_") else json.dumps(value)
-                )
-                for name, value in set_fields.items()
-            }
-        deletes = list(delete_fields)
-        if deletes:
-            spec["del"] = deletes
-        if incr:
-            spec["incr"] = dict(incr)
-        absent = list(require_absent)
-        if absent:
-            spec["require_absent"] = absent
-        if unschedule:
-            spec["schedule"] = "remove"
-        elif schedule_at is not None:
-            spec["schedule"] = schedule_at
-        if release is not None:
-            spec["release"] = release
-        if event is not None:
-            spec["event"] = event
-        applied, before = self._transition(
+        working: JobStatus | None = None,
+        counter: str | None = None,
+    ) -> Begun:
+        """Take the job's lease for a step, move it to the step's working status, and read it."""
+        now = _now()
+        found = self._begin(
             keys=[self.job_key(job_id), self.events_key(job_id), self.schedule_key],
-            args=[json.dumps(spec)],
+            args=[
+                job_id,
+                owner,
+                repr(now),
+                repr(lease_s),
+                _names(handles),
+                working.value if working else "",
+                self.keys.status_prefix(),
+                counter or "",
+            ],  # fmt: skip
         )
-        if int(applied) < 0:
+        code = int(found[0])
+        if code < 0:
             raise JobNotFound(f"no job with id {job_id!r}")
-        return int(applied) == 1, JobStatus(_text(before)) if before else None
-
-    # leases and the schedule -----------------------------------------------
-    def acquire(self, job_id: str, owner: str, lease_s: float) -> bool:
-        """Take the job's runner lease (or renew our own); False if a live runner holds it."""
-        return self._lease_call(job_id, owner, lease_s, "acquire")
+        if code == 0:
+            return Begun(None, busy=True)
+        if code == 2:
+            return Begun(None, status=JobStatus(_text(found[1])))
+        before = JobStatus(_text(found[1]))
+        job = _decode(job_id, dict(zip(found[2::2], found[3::2], strict=True)))
+        if working is not None and before is not working and self.observer is not None:
+            raw = dict(zip(found[2::2], found[3::2], strict=True))
+            known = [raw.get(f"ts:{name}".encode()) for name in (before.value, "submitted", "queued")]
+            self.observer(self, job_id, before, working, {}, working.value, [*known, raw.get(b"cost_estimate_usd")])
+        return Begun(job)
 
     def renew(self, job_id: str, owner: str, lease_s: float) -> bool:
-        return self._lease_call(job_id, owner, lease_s, "renew")
-
-    def _lease_call(self, job_id: str, owner: str, lease_s: float, mode: str) -> bool:
-        result = self._lease(
-            keys=[self.job_key(job_id), self.schedule_key],
-            args=[owner, repr(_now()), repr(lease_s), mode, job_id],
+        """Extend our lease; False when another runner holds the job now."""
+        renewed = self._renew(
+            keys=[self.job_key(job_id), self.schedule_key], args=[job_id, owner, repr(_now()), repr(lease_s)]
         )
-        return int(result) == 1
+        return int(renewed) == 1
 
+    # named writes ----------------------------------------------------------
+    def advance(
+        self,
+        job_id: str,
+        to: JobStatus,
+        *,
+        from_: Iterable[JobStatus],
+        fields: Mapping[str, Any] | None = None,
+        event: str | None = None,
+        due_at: float | None = None,
+        owner: str | None = None,
+        count: Iterable[str] = (),
+    ) -> Moved:
+        """Move the job on to `to` (from one of `from_`), due again at `due_at` (None: not scheduled)."""
+        return self._move(
+            job_id, to=to, from_=from_, fields=fields, event=event, owner=owner, count=count,
+            due="-" if due_at is None else repr(due_at),
+        )  # fmt: skip
+
+    def wait(
+        self,
+        job_id: str,
+        due_at: float,
+        *,
+        from_: Iterable[JobStatus] | None = None,
+        to: JobStatus | None = None,
+        fields: Mapping[str, Any] | None = None,
+        event: str | None = None,
+        owner: str | None = None,
+        count: Iterable[str] = (),
+    ) -> Moved:
+        """The job needs another look at `due_at`; meanwhile it holds no worker."""
+        return self._move(
+            job_id, to=to, from_=from_, fields=fields, event=event, owner=owner, count=count, due=repr(due_at)
+        )
+
+    def fail(
+        self,
+        job_id: str,
+        error: JobError,
+        *,
+        from_: Iterable[JobStatus] | None = None,
+        owner: str | None = None,
+        count: Iterable[str] = (),
+        by: str | None = None,
+    ) -> Moved:
+        """End the job as failed, with its error in words (from any status not ended, by default)."""
+        return self._move(
+            job_id,
+            to=JobStatus.failed,
+            from_=_NOT_ENDED if from_ is None else from_,
+            fields={"error": error.model_dump(mode="json")},
+            event=f"failed{f' (by {by})' if by else ''}: {error.code}: {error.message}",
+            owner=owner,
+            count=count,
+        )
+
+    def cancel(self, job_id: str, event: str) -> Moved:
+        return self._move(job_id, to=JobStatus.cancelled, from_=_NOT_ENDED, event=event)
+
+    def requeue(
+        self,
+        job_id: str,
+        *,
+        from_: Iterable[JobStatus],
+        fields: Mapping[str, Any],
+        clear: Iterable[str],
+        due_at: float,
+        event: str,
+    ) -> Moved:
+        """Start an ended job over from `queued` (a retry), clearing what its last run left."""
+        return self._move(
+            job_id, to=JobStatus.queued, from_=from_, fields=fields, delete=clear, count=["attempts:retries"],
+            due=repr(due_at), event=event,
+        )  # fmt: skip
+
+    def note(
+        self,
+        job_id: str,
+        *,
+        event: str | None = None,
+        fields: Mapping[str, Any] | None = None,
+        raw: Mapping[str, str] | None = None,
+        delete: Iterable[str] = (),
+        count: Iterable[str] = (),
+    ) -> Moved:
+        """Record something about the job without moving it (an event, a counter, a field)."""
+        return self._move(job_id, fields=fields, raw=raw, delete=delete, count=count, event=event)
+
+    def release(self, job_id: str, owner: str) -> Moved:
+        """Give our lease back without changing anything else."""
+        return self._move(job_id, owner=owner)
+
+    def unschedule(self, job_id: str) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.zrem(self.schedule_key, job_id)
+        pipe.zrem(self.waiting_key, job_id)
+        pipe.zrem(self.callbacks_key, job_id)
+        pipe.execute()
+
+    def _move(
+        self,
+        job_id: str,
+        *,
+        to: JobStatus | None = None,
+        from_: Iterable[JobStatus] | None = None,
+        owner: str | None = None,
+        due: str = "",
+        fields: Mapping[str, Any] | None = None,
+        raw: Mapping[str, str] | None = None,
+        delete: Iterable[str] = (),
+        count: Iterable[str] = (),
+        absent: Iterable[str] = (),
+        event: str | None = None,
+    ) -> Moved:
+        encoded = {name: json.dumps(value) for name, value in (fields or {}).items()}
+        encoded.update(raw or {})
+        keys = self.keys
+        reply = self._move_script(
+            keys=[
+                keys.job(job_id),
+                keys.events(job_id),
+                keys.schedule,
+                keys.waiting,
+                keys.inflight,
+                keys.finished,
+                keys.callbacks,
+            ],
+            args=[
+                job_id,
+                repr(_now()),
+                keys.status_prefix(),
+                _names(from_),
+                to.value if to else "",
+                owner or "",
+                due,
+                json.dumps(encoded) if encoded else "",
+                " ".join(delete),
+                " ".join(count),
+                " ".join(absent),
+                event or "",
+                _AT_FAL,
+                _ENDED,
+                repr(FINISHED_KEPT_S),
+                _EVERY,
+            ],
+        )
+        code, before_raw, known = int(reply[0]), reply[1], reply[2:]
+        if code == -1:
+            raise JobNotFound(f"no job with id {job_id!r}")
+        if code == -2:
+            raise LeaseLost(f"job {job_id}: another runner holds it now; this one's work is not written")
+        before = JobStatus(_text(before_raw)) if before_raw else None
+        if code == 1 and to is not None and to is not before and self.observer is not None:
+            self.observer(self, job_id, before, to, fields or {}, event, known)
+        return Moved(code == 1, before)
+
+    # the schedules ---------------------------------------------------------
     def claim_due(self, lease_s: float, limit: int) -> list[str]:
-        due = self._claim(keys=[self.schedule_key], args=[repr(_now()), repr(lease_s), limit])
-        return [_text(job_id) for job_id in due]
+        """Jobs a Celery step should look at now (the safety net for lost messages and dead workers)."""
+        return self.claim_due_or_next(lease_s, limit)[0]
+
+    def claim_due_or_next(self, lease_s: float, limit: int, key: str | None = None) -> tuple[list[str], float | None]:
+        """Claim due entries of the schedule (or `key`); when none is due, when the next one is."""
+        raw = self._claim(keys=[key or self.schedule_key], args=[repr(_now()), repr(lease_s), limit])
+        return _claimed(raw)
 
     def claim_due_callbacks(self, lease_s: float, limit: int) -> list[str]:
-        due = self._claim(keys=[self.callbacks_key], args=[repr(_now()), repr(lease_s), limit])
-        return [_text(job_id) for job_id in due]
+        return self.claim_due_or_next(lease_s, limit, self.callbacks_key)[0]
+
+    def claim_waiting(self, lease_s: float, limit: int) -> list[WaitingJob]:
+        """Jobs at fal whose status check is due, each held for `lease_s` (the poller's batch)."""
+        return self.claim_waiting_or_next(lease_s, limit)[0]
+
+    def claim_waiting_or_next(self, lease_s: float, limit: int) -> tuple[list[WaitingJob], float | None]:
+        flat = self._claim_waiting(keys=[self.waiting_key], args=[repr(_now()), repr(lease_s), limit, self.job_key("")])
+        if len(flat) == 2 and not flat[0]:
+            return [], float(flat[1]) if flat[1] else None
+        found = []
+        for i in range(0, len(flat), 6):
+            job_id, status, fal, deadline, polls, submitted = (_text(v) for v in flat[i : i + 6])
+            found.append(
+                WaitingJob(
+                    id=job_id,
+                    status=JobStatus(status),
+                    fal=json.loads(fal) if fal else None,
+                    deadline_at=float(json.loads(deadline)) if deadline else float("inf"),
+                    polls=int(polls),
+                    submitted_at=float(submitted) if submitted else None,
+                )
+            )
+        return found, None
+
+    def bring_checks_forward(self, typical_s: float, limit: int = 10_000) -> int:
+        """Waiting jobs due later than submitted + `typical_s` are checked then instead."""
+        moved = self._rescore_waiting(
+            keys=[self.waiting_key], args=[repr(_now()), repr(typical_s), self.job_key(""), limit]
+        )
+        return int(moved)
+
+    def check_again(self, job_id: str, at: float) -> None:
+        """A status check that changed nothing: only its next time. `XX`: a job that left fal
+        meanwhile (stored by a webhook, cancelled) is not put back."""
+        self.redis.zadd(self.waiting_key, {job_id: at}, xx=True)
 
     def schedule(self, job_id: str, at: float) -> None:
         self.redis.zadd(self.schedule_key, {job_id: at})
 
     def scheduled_at(self, job_id: str) -> float | None:
-        score = self.redis.zscore(self.schedule_key, job_id)
-        return None if score is None else float(score)
+        """When the job is next due, in either schedule (None: in neither)."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.zscore(self.schedule_key, job_id)
+        pipe.zscore(self.waiting_key, job_id)
+        scores = [float(s) for s in pipe.execute() if s is not None]
+        return min(scores) if scores else None
 
     def schedule_size(self) -> int:
-        return int(self.redis.zcard(self.schedule_key))
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.zcard(self.schedule_key)
+        pipe.zcard(self.waiting_key)
+        return sum(int(n) for n in pipe.execute())
 
-    def raw_field(self, job_id: str, name: str) -> str | None:
-        value = self.redis.hget(self.job_key(job_id), name)
-        return None if value is None else _text(value)
+
+def _claimed(raw: list[Any]) -> tuple[list[str], float | None]:
+    if len(raw) == 2 and not raw[0]:
+        return [], float(raw[1]) if raw[1] else None
+    return [_text(job_id) for job_id in raw], None
 
 
 def _text(value: Any) -> str:

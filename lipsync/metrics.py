@@ -13,7 +13,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -91,15 +91,19 @@ def observe_transition(
     to: JobStatus | None,
     set_fields: Mapping[str, Any],
     now: float | None = None,
+    known: Sequence[Any] | None = None,
 ) -> None:
-    """Record what an applied transition says about the job; reads the timestamps it needs."""
+    """Record what an applied transition says about the job; reads the timestamps it needs
+    (unless the write already returned them as `known`: ts:<before>, ts:submitted, ts:queued, cost)."""
     if to is None or to is before:
         return
     now = time.time() if now is None else now
     metrics = job_metrics()
     metrics.transitions.labels(to.value).inc()
-    fields = [f"ts:{before.value if before else ''}", "ts:submitted", "ts:queued", "cost_estimate_usd"]
-    entered, submitted, created, cost = store.redis.hmget(store.job_key(job_id), fields)
+    if known is None:
+        fields = [f"ts:{before.value if before else ''}", "ts:submitted", "ts:queued", "cost_estimate_usd"]
+        known = store.redis.hmget(store.job_key(job_id), fields)
+    entered, submitted, created, cost = known
     if before is not None and entered is not None:
         metrics.status_seconds.labels(before.value).observe(max(0.0, now - float(entered)))
     left_fal_queue = before in (JobStatus.submitted, JobStatus.in_queue) and to in (

@@ -21,18 +21,16 @@ from kombu.exceptions import KombuError
 from pydantic import ValidationError
 
 from config.settings import Settings, get_settings
-from lipsync.errors import InvalidInput, InvalidTransition, LipsyncError
-from lipsync.fal import FalQueueClient
+from lipsync import jobs
+from lipsync.errors import InvalidInput, LipsyncError
 from lipsync.fetcher import GuardedFetcher
-from lipsync.jobstore import JobStore
-from lipsync.models import AT_FAL_STATUSES, FalPriority, Job, JobStatus, LipsyncInput
+from lipsync.models import FalPriority, Job, JobStatus, LipsyncInput
+from lipsync.observe import observed_store
+from lipsync.redis_client import connect
 from lipsync.storage import Storage
 from producers.sources import resolve_source
 
 log = logging.getLogger("lipsync.producer")
-
-# Fields a retry clears: the job starts over from staging with a fresh deadline.
-_RETRY_CLEARS = ["fal", "error", "output", "submit_claimed_at", "logs", "lease_owner", "lease_until"]
 
 
 class BrokerUnavailable(LipsyncError):
@@ -75,8 +73,8 @@ class LipsyncClient:
         from config.broker import broker_kind
 
         broker_kind(self.settings.broker_url)  # a broker URL of another kind: one line, before any job exists
-        self.redis = redis.Redis.from_url(self.settings.redis_url, socket_timeout=10, socket_connect_timeout=5)
-        self.store = JobStore(self.redis, self.settings.key_prefix)
+        self.redis = connect(self.settings.redis_url)
+        self.store = observed_store(self.redis, self.settings.key_prefix)
         self._bucket_ok = False
 
     @cached_property
@@ -207,11 +205,9 @@ class LipsyncClient:
                 raise BrokerUnavailable(job, f"{type(exc).__name__}: {exc}", self.settings.transfer_lease_s) from None
         return job
 
-    def _send(self, task: str, job_id: str) -> None:
+    def _send(self, step: str, job_id: str) -> None:
         # If this message is lost, the job's schedule entry comes due and a dispatcher resends.
-        from workers.runner import QUEUE_OF
-
-        self._celery.send_task(f"lipsync.{task}", args=[job_id], queue=QUEUE_OF[task])
+        jobs.celery_sender(self._celery)(step, job_id)
 
     # read --------------------------------------------------------------------
     def resolve_id(self, job_id_or_prefix: str) -> str:
@@ -283,66 +279,11 @@ class LipsyncClient:
 
     # change ------------------------------------------------------------------
     def cancel(self, job_id: str) -> Job:
-        job = self.store.get(job_id)
-        if job.terminal:
-            raise InvalidTransition(f"job {job_id} is already {job.status.value}; nothing to cancel")
-        applied, before = self.store.transition(
-            job_id,
-            JobStatus.cancelled,
-            from_=[s for s in JobStatus if not s.terminal],
-            event="cancelled by the producer",
-        )
-        if not applied:
-            raise InvalidTransition(f"job {job_id} is already {before}; nothing to cancel")
-        job = self.store.get(job_id)
-        if job.fal is not None and before in AT_FAL_STATUSES | {JobStatus.submitting}:
-            self._cancel_at_fal(job)
-        from lipsync.admission import AdmissionControl
-
-        AdmissionControl(
-            self.redis,
-            prefix=self.settings.key_prefix,
-            max_in_flight=self.settings.max_in_flight,
-            submits_per_second=self.settings.submits_per_second,
-        ).release(job_id)
-        return job
-
-    def _cancel_at_fal(self, job: Job) -> None:
-        assert job.fal is not None
-        fal = FalQueueClient(
-            queue_url=self.settings.fal_queue_url,
-            app=self.settings.fal_app,
-            key=self.settings.fal_key,
-            timeout_s=self.settings.http_timeout_s,
-        )
-        try:
-            outcome = fal.cancel(job.fal)
-            self.store.transition(job.id, None, event=f"fal cancel: {outcome.value}")
-        except Exception as exc:  # the job is cancelled in our books either way
-            log.warning("job %s: could not cancel at fal: %s", job.id, exc)
-        finally:
-            fal.close()
+        return jobs.cancel(self.store, self.settings, job_id)
 
     def retry(self, job_id: str) -> Job:
         """Start a failed or cancelled job over, from staging, with a fresh deadline."""
-        job = self.store.get(job_id)
-        if job.status not in (JobStatus.failed, JobStatus.cancelled):
-            raise InvalidTransition(f"job {job_id} is {job.status.value}; only failed or cancelled jobs can be retried")
-        now = time.time()
-        applied, before = self.store.transition(
-            job_id,
-            JobStatus.queued,
-            from_=[JobStatus.failed, JobStatus.cancelled],
-            set_fields={"deadline_at": now + self.settings.job_deadline_s},
-            delete_fields=_RETRY_CLEARS + [f"attempts:retry_{s}" for s in ("stage", "submit", "poll", "store")],
-            incr={"attempts:retries": 1},
-            schedule_at=now + self.settings.transfer_lease_s,
-            event=f"retried by the producer (was {job.status.value})",
-        )
-        if not applied:
-            raise InvalidTransition(f"job {job_id} is {before}; only failed or cancelled jobs can be retried")
-        self._send("stage", job_id)
-        return self.store.get(job_id)
+        return jobs.retry(self.store, self.settings, job_id, self._send)
 
     def close(self) -> None:
         self.redis.close()

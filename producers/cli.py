@@ -347,13 +347,15 @@ def jobs(status_name: str | None, batch_id: str | None, limit: int, as_json: boo
 @main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
 @click.option("--queues", "-Q", default="transfer,api", show_default=True)
 @click.option("--concurrency", "-c", type=int, default=None)
-@click.option("--pool", "-P", default=None, help="prefork (default) or threads (default for -Q api)")
+@click.option("--pool", "-P", default="threads", show_default=True, help="threads (I/O-bound steps) or prefork")
 @click.option("--loglevel", "-l", default="INFO")
 @click.pass_context
 def worker(ctx: click.Context, queues: str, concurrency: int | None, pool: str | None, loglevel: str) -> None:
     """Start a Celery worker for these queues (extra arguments go to `celery worker`)."""
+    from celery.bin.celery import celery as celery_command
+
     from config.settings import get_settings
-    from workers.app import app
+    from lipsync.lifecycle import CELERY_APP
 
     names = {q.strip() for q in queues.split(",") if q.strip()}
     # Two workers started by hand on one host (-Q transfer, -Q api) must not both be celery@host
@@ -368,8 +370,10 @@ def worker(ctx: click.Context, queues: str, concurrency: int | None, pool: str |
         pool = "threads" if names == {"api"} else "prefork"
     if concurrency is None:
         concurrency = settings.api_concurrency if names == {"api"} else settings.transfer_concurrency
-    app.worker_main(
+    celery_command.main(
         [
+            "--app",
+            CELERY_APP,
             "worker",
             "--queues",
             ",".join(sorted(names)),
@@ -380,7 +384,8 @@ def worker(ctx: click.Context, queues: str, concurrency: int | None, pool: str |
             "--loglevel",
             loglevel,
             *ctx.args,
-        ]
+        ],
+        prog_name="celery",
     )
 
 
@@ -397,13 +402,17 @@ def emulator(ctx: click.Context) -> None:
 @click.pass_context
 def flower(ctx: click.Context) -> None:
     """Run Flower for the workers, with basic auth (LIPSYNC_FLOWER_BASIC_AUTH=user:password)."""
+    from celery.bin.celery import celery as celery_command
+
     from config.settings import get_settings
-    from workers.app import app
+    from lipsync.lifecycle import CELERY_APP
 
     auth = get_settings().flower_basic_auth.get_secret_value()
     if not auth:
         raise click.UsageError("set LIPSYNC_FLOWER_BASIC_AUTH=user:password; Flower never runs open")
-    app.start(["flower", f"--basic-auth={auth}", "--max-tasks=10000", *ctx.args])
+    celery_command.main(
+        ["--app", CELERY_APP, "flower", f"--basic-auth={auth}", "--max-tasks=10000", *ctx.args], prog_name="celery"
+    )
 
 
 @main.command()
@@ -483,13 +492,12 @@ def tenants_list(as_json: bool) -> None:
 
 
 def _tenant_store() -> Any:
-    import redis
-
     from config.settings import get_settings
+    from lipsync.redis_client import connect
     from lipsync.tenants import TenantStore
 
     settings = get_settings()
-    return TenantStore(redis.Redis.from_url(settings.redis_url, socket_timeout=10), settings.key_prefix)
+    return TenantStore(connect(settings.redis_url), settings.key_prefix)
 
 
 def _print_credentials(credentials: Any) -> None:

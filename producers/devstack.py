@@ -202,9 +202,10 @@ class WorkerSpec:
     name: str
 
 
-# Two workers, one per queue, as the design asks: media I/O never starves polling.
+# Two workers, one per queue, as the design asks: media I/O never starves polling. Transfers
+# are I/O-bound (S3, HTTP, a probe of a spooled file): threads, sized for I/O (bench/README.md).
 DEFAULT_WORKERS = (
-    WorkerSpec("transfer", "prefork", 2, "transfer"),
+    WorkerSpec("transfer", "threads", 16, "transfer"),
     WorkerSpec("api", "threads", 8, "api"),
 )
 

@@ -1,7 +1,9 @@
 """The Celery app: configuration from `config.celery`, tasks from `workers.tasks`.
 
-Each worker's main process also runs the dispatcher, which turns due entries of the durable
-schedule into task messages (see `workers.dispatcher`), and serves the job metrics (`lipsync.metrics`).
+Each worker's main process also runs the dispatcher, the safety net that turns due entries of
+the durable schedule into task messages (see `workers.dispatcher`); a worker consuming the `api`
+queue runs the poller too, which checks jobs at fal (see `lipsync.poller`); and each serves the
+job metrics (`lipsync.metrics`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ app.config_from_object(celery_config(get_settings()))
 app.autodiscover_tasks(["workers"], related_name="tasks", force=True)
 
 _dispatcher: Any = None
+_poller: Any = None
 _metrics_dir: Path | None = None
 
 
@@ -40,12 +43,11 @@ def _serve_metrics(**_: Any) -> None:
     configure_logging(settings)
     if not settings.metrics_port:
         return
-    import redis
-
     from lipsync import metrics
     from lipsync.jobstore import JobStore
+    from lipsync.redis_client import connect
 
-    client = redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5)
+    client = connect(settings.redis_url, socket_timeout_s=5)
     path = metrics.multiprocess_dir(settings.metrics_port, settings.metrics_dir)
     try:
         metrics.serve(JobStore(client, settings.key_prefix), settings.metrics_port, settings.metrics_address, path)
@@ -63,24 +65,40 @@ def _serve_metrics(**_: Any) -> None:
         )
 
 
+def _consumes(sender: Any, queue: str) -> bool:
+    try:
+        consumed = sender.app.amqp.queues.consume_from
+    except AttributeError:  # not a consumer we know: assume it does
+        return True
+    return consumed is None or queue in set(consumed)  # None: every queue
+
+
 @worker_ready.connect
-def _start_dispatcher(**_: Any) -> None:
-    global _dispatcher
+def _start_dispatcher(sender: Any = None, **_: Any) -> None:
+    global _dispatcher, _poller
     settings = get_settings()
     configure_logging(settings)
     from workers.preflight import check_redis
 
     check_redis(settings)
-    if not settings.run_dispatcher:
+    # One dispatcher and one poller per api worker: claims are atomic, so any number may run;
+    # the api worker is the one every deployment has, and the one whose work they feed.
+    if not settings.run_dispatcher or not _consumes(sender, "api"):
         return
+    from lipsync.jobs import celery_sender
+    from lipsync.poller import Poller
     from workers.dispatcher import Dispatcher
 
     _dispatcher = Dispatcher(app, settings)
     _dispatcher.start()
+    _poller = Poller(settings, celery_sender(app))
+    _poller.start()
 
 
 @worker_shutdown.connect
 def _stop_dispatcher(**_: Any) -> None:
+    if _poller is not None:
+        _poller.stop()
     if _dispatcher is not None:
         _dispatcher.stop()
 

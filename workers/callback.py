@@ -2,7 +2,7 @@
 
 The job store queues the callback in the same script that ends the job (the `callbacks`
 sorted set), the dispatcher turns due entries into `lipsync.callback` tasks on the `api`
-queue, and this module makes one attempt per visit: delivered, or back in the set after a
+queue, and this step makes one attempt per visit, under the job's lease: delivered, or back in the set after a
 backoff, or given up after `callback_max_attempts`. Every attempt is an event on the job.
 """
 
@@ -13,11 +13,13 @@ import logging
 import time
 
 from lipsync.callbacks import CallbackSender
-from lipsync.errors import JobNotFound, PermanentError, RetryableError
+from lipsync.errors import PermanentError, RetryableError
+from lipsync.lifecycle import backoff
+from lipsync.models import Job
 from lipsync.public import public_job
 from lipsync.tenants import TenantNotFound, TenantStore
 from workers.context import Context
-from workers.runner import backoff
+from workers.runner import Lease
 
 log = logging.getLogger("lipsync.callback")
 
@@ -31,24 +33,18 @@ def sender(ctx: Context) -> CallbackSender:
     return _sender
 
 
-def deliver(job_id: str, ctx: Context) -> bool:
-    """One attempt at the job's callback; returns True once it is delivered."""
-    store, settings = ctx.store, ctx.settings
-    try:
-        job = store.get(job_id)
-    except JobNotFound:
+def deliver(job: Job, ctx: Context, lease: Lease) -> None:
+    """One attempt at the job's callback (an ended job: the runner's `begin` checked)."""
+    store, settings, job_id = ctx.store, ctx.settings, job.id
+    if not job.callback_url or not job.tenant:
         store.redis.zrem(store.callbacks_key, job_id)
-        return False
-    if not job.terminal or not job.callback_url or not job.tenant:
-        # Retried since it ended: its next end queues the callback again.
-        store.redis.zrem(store.callbacks_key, job_id)
-        return False
+        return
     try:
         secret = TenantStore(ctx.redis, settings.key_prefix).get(job.tenant).callback_secret
     except TenantNotFound:
         store.redis.zrem(store.callbacks_key, job_id)
-        store.transition(job_id, None, event=f"callback not sent: tenant {job.tenant!r} no longer exists")
-        return False
+        store.note(job_id, event=f"callback not sent: tenant {job.tenant!r} no longer exists")
+        return
     view = public_job(job)
     if view.output is not None:
         key = view.output.url.split("/", 3)[3]
@@ -62,7 +58,7 @@ def deliver(job_id: str, ctx: Context) -> bool:
         else None
     )
     attempt = int(previous or 0) + 1
-    progress = {"_callback_delivery": delivery_id, "_callback_attempt": attempt}
+    progress = {"callback_delivery": delivery_id, "callback_attempt": str(attempt)}
     give_up = attempt >= settings.callback_max_attempts
     try:
         status = sender(ctx).post(job.callback_url, body, secret.get_secret_value(), delivery_id)
@@ -85,5 +81,4 @@ def deliver(job_id: str, ctx: Context) -> bool:
         wait = backoff(attempt, settings.callback_retry_base_s, settings.callback_retry_max_s)
         store.redis.zadd(store.callbacks_key, {job_id: time.time() + wait})
         event = f"callback {attempt} failed: {outcome}; next in {wait:.1f}s"
-    store.transition(job_id, None, set_fields=progress, incr={"attempts:callback": 1}, event=event)
-    return delivered
+    store.note(job_id, raw=progress, count=["attempts:callback"], event=event)

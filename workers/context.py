@@ -12,9 +12,13 @@ from config.settings import Settings, get_settings
 from lipsync.admission import AdmissionControl
 from lipsync.fal import FalQueueClient
 from lipsync.fetcher import GuardedFetcher
+from lipsync.jobs import Sender
 from lipsync.jobstore import JobStore
+from lipsync.keys import Keys
+from lipsync.observe import observed_store
+from lipsync.poller import FirstCheck
+from lipsync.redis_client import connect
 from lipsync.storage import Storage
-from workers.observe import ObservedJobStore
 
 
 @dataclass
@@ -26,16 +30,21 @@ class Context:
     storage: Storage
     fetcher: GuardedFetcher
     fal: FalQueueClient
+    send: Sender
+    first_check: FirstCheck
 
 
-def build_context(settings: Settings) -> Context:
-    client = redis.Redis.from_url(
-        settings.redis_url, socket_timeout=10, socket_connect_timeout=5, health_check_interval=30
-    )
+def build_context(settings: Settings, send: Sender | None = None) -> Context:
+    client = connect(settings.redis_url)
+    if send is None:
+        from lipsync.jobs import celery_sender
+        from workers.app import app
+
+        send = celery_sender(app)
     return Context(
         settings=settings,
         redis=client,
-        store=ObservedJobStore(client, settings.key_prefix),
+        store=observed_store(client, settings.key_prefix),
         admission=AdmissionControl(
             client,
             prefix=settings.key_prefix,
@@ -45,6 +54,8 @@ def build_context(settings: Settings) -> Context:
         storage=Storage(settings),
         fetcher=GuardedFetcher.from_settings(settings),
         fal=FalQueueClient.from_settings(settings),
+        send=send,
+        first_check=FirstCheck(client, Keys(settings.key_prefix), settings),
     )
 
 

@@ -1,8 +1,10 @@
-"""The dispatcher: turns due entries of the durable schedule into task messages.
+"""The dispatcher: the safety net of the Celery steps, and the sender of callbacks.
 
-It runs as a thread in each worker's main process. Claiming is atomic (a Lua script pushes
-each claimed entry one lease ahead), so any number of dispatchers can run side by side; a
-job whose message or worker was lost becomes due again when its lease lapses.
+Steps hand a job on by sending its next task at once; its entry in the `schedule` is the
+safety net for a message or a worker that was lost. This thread, in each worker's main
+process, claims due entries (atomically: any number of dispatchers run side by side) and
+sends the task the lifecycle table names for the job's status. Jobs at fal are not its
+business: they are in the `waiting` schedule, which the poller works through.
 """
 
 from __future__ import annotations
@@ -11,12 +13,12 @@ import logging
 import threading
 import time
 
-import redis
 from celery import Celery
 
 from config.settings import Settings
-from lipsync.jobstore import JobStore
-from workers.runner import NEXT_TASK, QUEUE_OF
+from lipsync.lifecycle import next_step, step
+from lipsync.observe import observed_store
+from lipsync.redis_client import connect
 
 log = logging.getLogger("lipsync.dispatcher")
 
@@ -25,10 +27,7 @@ class Dispatcher:
     def __init__(self, app: Celery, settings: Settings) -> None:
         self.app = app
         self.settings = settings
-        self.store = JobStore(
-            redis.Redis.from_url(settings.redis_url, socket_timeout=10, socket_connect_timeout=5),
-            settings.key_prefix,
-        )
+        self.store = observed_store(connect(settings.redis_url), settings.key_prefix)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="lipsync-dispatcher", daemon=True)
 
@@ -40,6 +39,9 @@ class Dispatcher:
         self._thread.join(timeout=5)
 
     def _run(self) -> None:
+        # Nothing due: sleep until the next entry is due, between the dispatch interval and 4x it
+        # (an entry written meanwhile, like a short admission wait, is late by at most that).
+        longest = 4 * self.settings.dispatch_interval_s
         while not self._stop.is_set():
             try:
                 sent = self.dispatch_once() + self.dispatch_callbacks()
@@ -48,32 +50,45 @@ class Dispatcher:
                 self._stop.wait(1.0)
                 continue
             if sent < self.settings.dispatch_batch:
-                self._stop.wait(self.settings.dispatch_interval_s)
+                until = min(self._next_due, self._next_callback)
+                pause = min(longest, max(self.settings.dispatch_interval_s, until - time.time()))
+                self._stop.wait(pause)
+
+    _next_due = float("inf")
+    _next_callback = float("inf")
 
     def dispatch_once(self) -> int:
         """Send one task for each due job; returns how many entries were claimed."""
         settings = self.settings
-        due = self.store.claim_due(settings.poll_lease_s, settings.dispatch_batch)
+        due, next_due = self.store.claim_due_or_next(settings.poll_lease_s, settings.dispatch_batch)
+        self._next_due = float("inf") if next_due is None else next_due
         if not due:
             return 0
         statuses = self.store.statuses(due)
         with self.app.producer_or_acquire() as producer:
             for job_id, status in statuses.items():
-                if status is None or status.terminal:
+                following = None if status is None else next_step(status)
+                if following is None or following.queue is None:
+                    # Ended, gone, or at fal (the poller's): not the schedule's any more.
                     self.store.redis.zrem(self.store.schedule_key, job_id)
+                    if following is not None:
+                        self.store.redis.zadd(self.store.waiting_key, {job_id: time.time()}, nx=True)
                     continue
-                task = NEXT_TASK[status]
-                if QUEUE_OF[task] == "transfer":
+                if following.queue == "transfer":
                     # A transfer may wait behind big files in its queue; don't resend it soon.
-                    self.store.schedule(job_id, time.time() + settings.transfer_lease_s)
-                self.app.send_task(f"lipsync.{task}", args=[job_id], queue=QUEUE_OF[task], producer=producer)
+                    self.store.schedule(job_id, time.time() + following.lease_s(settings))
+                self.app.send_task(following.task_name, args=[job_id], queue=following.queue, producer=producer)
         return len(due)
 
     def dispatch_callbacks(self) -> int:
         """Send one `callback` task for each job whose callback is due (see `workers.callback`)."""
-        due = self.store.claim_due_callbacks(self.settings.poll_lease_s, self.settings.dispatch_batch)
+        due, next_due = self.store.claim_due_or_next(
+            self.settings.poll_lease_s, self.settings.dispatch_batch, self.store.callbacks_key
+        )
+        self._next_callback = float("inf") if next_due is None else next_due
         if due:
+            callback = step("callback")
             with self.app.producer_or_acquire() as producer:
                 for job_id in due:
-                    self.app.send_task("lipsync.callback", args=[job_id], queue="api", producer=producer)
+                    self.app.send_task(callback.task_name, args=[job_id], queue=callback.queue, producer=producer)
         return len(due)

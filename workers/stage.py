@@ -1,16 +1,16 @@
-"""Stage: copy each input into the staging bucket (content-addressed), probe it, validate, price.
+"""Stage: each input into the staging bucket (content-addressed), probed, validated, priced.
 
 Everything fal would reject, or that exceeds our limits, is refused here, before any money
-is spent.
+is spent. An input already in the pipeline's own bucket is probed but not copied: fal reads
+it where it is.
 """
 
 from __future__ import annotations
 
-import time
-
 from config.settings import Settings
 from lipsync.errors import InvalidInput
 from lipsync.fetcher import GuardedFetcher
+from lipsync.lifecycle import Advance
 from lipsync.models import Job, JobStatus, MediaInfo, estimate_cost_usd, output_duration
 from lipsync.probe import ProbeResult, probe
 from lipsync.storage import Storage, parse_s3_uri
@@ -18,18 +18,10 @@ from workers.context import Context
 from workers.runner import Lease
 from workers.transit import HashingWriter, spool
 
-HANDLES = frozenset({JobStatus.queued, JobStatus.staging})
 _CONTENT_TYPES = {"video": "video/mp4", "audio": "audio/wav"}
 
 
-def stage(job: Job, ctx: Context, lease: Lease) -> str | None:
-    ctx.store.transition(
-        job.id,
-        JobStatus.staging,
-        from_=HANDLES,
-        incr={"attempts:stage": 1},
-        event="staging inputs",
-    )
+def stage(job: Job, ctx: Context, lease: Lease) -> Advance:
     video = stage_input("video", job.request.video_url, ctx.settings, ctx.storage, ctx.fetcher, lease)
     lease.heartbeat()
     audio = stage_input("audio", job.request.audio_url, ctx.settings, ctx.storage, ctx.fetcher, lease)
@@ -40,21 +32,17 @@ def stage(job: Job, ctx: Context, lease: Lease) -> str | None:
             f"the output would last {expected:.1f} s with sync_mode {mode.value}, over the "
             f"limit of {ctx.settings.max_duration_s:.0f} s"
         )
-    applied, _ = ctx.store.transition(
-        job.id,
+    return Advance(
         JobStatus.submitting,
-        from_=[JobStatus.staging],
-        set_fields={
+        fields={
             "inputs": {"video": video.model_dump(mode="json"), "audio": audio.model_dump(mode="json")},
             "expected_duration": round(expected, 3),
             "cost_estimate_usd": estimate_cost_usd(
                 mode, video.duration, audio.duration, ctx.settings.price_per_output_second_usd
             ),
         },
-        schedule_at=time.time() + ctx.settings.poll_lease_s,
         event=f"staged: video {video.duration:.2f}s, audio {audio.duration:.2f}s",
     )
-    return "submit" if applied else None
 
 
 def stage_input(
@@ -65,11 +53,13 @@ def stage_input(
     fetcher: GuardedFetcher,
     lease: Lease,
 ) -> MediaInfo:
+    in_place: str | None = None  # the key of an input already in our bucket
     with spool(settings.work_dir) as (path, fileobj):
         writer = HashingWriter(fileobj, on_write=lease.heartbeat)
         if source.startswith("s3://"):
             bucket, key = parse_s3_uri(source)
             storage.download_to_file(bucket, key, writer, max_bytes=settings.max_input_bytes)
+            in_place = key if bucket == settings.s3_bucket else None
         elif source.startswith(("https://", "http://")):
             fetcher.fetch_to_file(source, writer)
         else:
@@ -81,8 +71,8 @@ def stage_input(
             raise InvalidInput(f"the {role} input is empty (0 bytes)")
         found = probe(path, role)
         validate(role, found, settings)
-        staging_key = f"{settings.staging_prefix}/{writer.sha256}"
-        if not storage.exists(staging_key):
+        staging_key = in_place or f"{settings.staging_prefix}/{writer.sha256}"
+        if in_place is None and not storage.exists(staging_key):
             storage.upload_file(
                 path,
                 staging_key,

@@ -5,21 +5,20 @@ The object appears only when its upload completes, so a half-written file is nev
 
 from __future__ import annotations
 
-from lipsync.errors import InvalidInput, PermanentError
+from lipsync.errors import InvalidInput, PermanentError, RetryableError
+from lipsync.lifecycle import Advance
 from lipsync.models import Job, JobOutput, JobStatus
 from lipsync.probe import probe
 from workers.context import Context
 from workers.runner import Lease
 from workers.transit import HashingWriter, spool
 
-HANDLES = frozenset({JobStatus.storing})
-
 
 def output_key(ctx: Context, job_id: str) -> str:
     return f"{ctx.settings.output_prefix}/{job_id}.mp4"
 
 
-def store(job: Job, ctx: Context, lease: Lease) -> str | None:
+def store(job: Job, ctx: Context, lease: Lease) -> Advance:
     assert job.fal is not None and job.fal.output is not None, "storing follows a fal result"
     source = job.fal.output.url
     with spool(ctx.settings.work_dir, suffix=".mp4") as (path, fileobj):
@@ -31,6 +30,13 @@ def store(job: Job, ctx: Context, lease: Lease) -> str | None:
                 f"the output could not be downloaded from fal: {exc.message}", code="output_unavailable"
             ) from None
         fileobj.flush()
+        expected = job.fal.output.file_size
+        if expected is not None and expected != writer.size:
+            # A cut transfer or a changed object: never store it as a success; fetch again.
+            raise RetryableError(
+                f"fal's output is {expected} bytes but {writer.size} arrived; fetching it again",
+                code="output_size_mismatch",
+            )
         found = probe(path)
         if not found.has_video:
             raise PermanentError("fal's output has no video stream", code="bad_output")
@@ -59,11 +65,8 @@ def store(job: Job, ctx: Context, lease: Lease) -> str | None:
         num_frames=found.num_frames,
         fal_url=source,
     )
-    ctx.store.transition(
-        job.id,
+    return Advance(
         JobStatus.completed,
-        from_=HANDLES,
-        set_fields={"output": output.model_dump(mode="json", exclude={"presigned_url"})},
+        fields={"output": output.model_dump(mode="json", exclude={"presigned_url"})},
         event=f"stored {output.url} ({found.duration:.2f}s)",
     )
-    return None

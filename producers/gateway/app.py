@@ -39,7 +39,9 @@ from lipsync.errors import (
     RetryableError,
     UnsafeURL,
 )
+from lipsync.fal import FalQueueClient
 from lipsync.falhooks import JwksCache, WebhookRejected
+from lipsync.jobs import celery_sender
 from lipsync.jobstore import JobStore
 from lipsync.metrics import observe_request
 from lipsync.models import Job, JobStatus, LipsyncInput
@@ -63,8 +65,6 @@ from producers.gateway.schemas import (
     ValidationProblem,
     WebhookAck,
 )
-from workers.context import Context, build_context
-from workers.runner import QUEUE_OF
 
 log = logging.getLogger("lipsync.gateway")
 VERSION = "1.0.0"
@@ -90,7 +90,7 @@ class Gateway:
 
     settings: Settings
     client: LipsyncClient
-    ctx: Context
+    fal: FalQueueClient
     tenants: TenantStore
     limiter: RateLimiter
     webhooks: FalWebhooks
@@ -99,21 +99,17 @@ class Gateway:
     @classmethod
     def build(cls, settings: Settings) -> Gateway:
         client = LipsyncClient(settings)
-        ctx = build_context(settings)
+        fal = FalQueueClient.from_settings(settings)
         config = {**celery_config(settings), "task_send_sent_event": False}  # no Flower series per process
         celery = Celery("lipsync-gateway", config_source=config, set_as_current=False)
-
-        def send_store(job_id: str) -> None:
-            celery.send_task("lipsync.store", args=[job_id], queue=QUEUE_OF["store"])
-
         jwks = JwksCache(settings.fal_jwks_url, ttl_s=settings.fal_jwks_ttl_s, timeout_s=settings.http_timeout_s)
         return cls(
             settings=settings,
             client=client,
-            ctx=ctx,
+            fal=fal,
             tenants=TenantStore(client.redis, settings.key_prefix),
             limiter=RateLimiter(client.redis, settings.key_prefix, settings.gateway_rate_limit_per_s),
-            webhooks=FalWebhooks(ctx, jwks, send_store),
+            webhooks=FalWebhooks(settings, client.store, fal, jwks, celery_sender(celery)),
             readiness_storage=Storage(settings, connect_timeout_s=2, read_timeout_s=5, max_attempts=1),
         )
 
@@ -123,7 +119,7 @@ class Gateway:
 
     def close(self) -> None:
         self.client.close()
-        self.ctx.redis.close()
+        self.fal.close()
 
 
 # Responses every authenticated route may give, documented so the spec tells the whole truth.

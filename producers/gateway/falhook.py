@@ -1,5 +1,5 @@
 """fal's webhook deliveries, received: verify, refuse and record anything not fal's, and move a
-verified job on at once through the same code a poll uses (`workers.poll.accept_result`).
+verified job on at once through the same code a poll uses (`lipsync.jobs.finish_with_result`).
 
 Exactly once: the job store's atomic `from_` transition lets one of {poll, webhook, repeated
 webhook} through; the others find the job already `storing` and change nothing. A delivery
@@ -13,16 +13,20 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from pydantic import ValidationError
 
+from config.settings import Settings
+from lipsync import jobs
 from lipsync.errors import JobNotFound, LipsyncError, RetryableError
+from lipsync.fal import FalQueueClient
 from lipsync.falhooks import JwksCache, WebhookRejected, verify_delivery
+from lipsync.jobstore import JobStore
+from lipsync.keys import Keys
+from lipsync.lifecycle import step
 from lipsync.models import JobError, JobStatus, LipsyncOutput
-from workers.context import Context
-from workers.poll import HANDLES, accept_result, reject_result
 
 log = logging.getLogger("lipsync.gateway.webhooks")
 
@@ -36,18 +40,21 @@ class WebhookProblem(LipsyncError):
 
 
 class FalWebhooks:
-    def __init__(self, ctx: Context, jwks: JwksCache, send_store: Callable[[str], None]) -> None:
-        self.ctx = ctx
+    def __init__(
+        self, settings: Settings, store: JobStore, fal: FalQueueClient, jwks: JwksCache, send: jobs.Sender
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.fal = fal
         self.jwks = jwks
-        self.send_store = send_store
-        prefix = ctx.settings.key_prefix
-        self.rejected_key = f"{prefix}:fal-webhooks:rejected"
-        self._seen_prefix = f"{prefix}:fal-webhooks:seen:"
+        self.send = send
+        self.keys = Keys(settings.key_prefix)
+        self.rejected_key = self.keys.webhooks_rejected
 
     def handle(self, job_id: str, headers: Mapping[str, str], body: bytes, remote: str = "") -> str:
         """Returns the outcome ("accepted" or "duplicate"); raises WebhookRejected (401) or WebhookProblem."""
         try:
-            delivery = verify_delivery(headers, body, self.jwks, tolerance_s=self.ctx.settings.fal_webhook_tolerance_s)
+            delivery = verify_delivery(headers, body, self.jwks, tolerance_s=self.settings.fal_webhook_tolerance_s)
         except WebhookRejected as exc:
             self.record_rejection(job_id, exc, remote)
             raise
@@ -60,7 +67,7 @@ class FalWebhooks:
             raise
 
     def _apply(self, job_id: str, request_id: str, signature: str, body: bytes) -> str:
-        store = self.ctx.store
+        store = self.store
         try:
             document = json.loads(body)
         except ValueError:
@@ -70,8 +77,8 @@ class FalWebhooks:
         outcome = document.get("status")
         if outcome not in ("OK", "ERROR"):
             raise WebhookRejected("the webhook status is neither OK nor ERROR", code="malformed")
-        seen = self._seen_prefix + hashlib.sha256(signature.encode()).hexdigest()
-        ttl = int(2 * self.ctx.settings.fal_webhook_tolerance_s) + 60
+        seen = self.keys.webhook_seen(hashlib.sha256(signature.encode()).hexdigest())
+        ttl = int(2 * self.settings.fal_webhook_tolerance_s) + 60
         if not store.redis.set(seen, job_id, nx=True, ex=ttl):
             raise WebhookRejected("this exact delivery was already received (a replay)", code="replayed")
         try:
@@ -82,7 +89,7 @@ class FalWebhooks:
 
     def _move_job(self, job_id: str, request_id: str, outcome: str, document: dict[str, Any]) -> str:
         try:
-            job = self.ctx.store.get(job_id)
+            job = self.store.get(job_id)
         except JobNotFound:
             raise WebhookProblem(404, f"no job with id {job_id!r}", code="job_not_found") from None
         if job.fal is None:
@@ -91,7 +98,7 @@ class FalWebhooks:
             raise WebhookRejected("the job has no fal request", code="unknown_request")
         if job.fal.request_id != request_id:
             raise WebhookRejected("the delivery is for another fal request than this job's", code="unknown_request")
-        if job.status not in HANDLES:
+        if job.status not in step("wait").handles:
             return "duplicate"
         if outcome == "ERROR":
             error = JobError(
@@ -101,17 +108,19 @@ class FalWebhooks:
                 fal_error_type=_error_type(document.get("payload")),
                 stage="webhook",
             )
-            return "accepted" if reject_result(job, self.ctx, error, via="webhook") else "duplicate"
+            return "accepted" if jobs.finish_with_error(self.store, job.id, error, via="webhook") else "duplicate"
         payload = document.get("payload")
         try:
             LipsyncOutput.model_validate(payload)
             result: dict[str, Any] = payload  # type: ignore[assignment]
         except ValidationError:  # fal could not serialise the payload: fetch it as a poll would
-            result = self.ctx.fal.result(job.fal)
-        if not accept_result(job, self.ctx, result, via="webhook"):
+            result = self.fal.result(job.fal)
+        if not jobs.finish_with_result(
+            self.store, job.id, job.fal, result, via="webhook", transfer_lease_s=self.settings.transfer_lease_s
+        ):
             return "duplicate"
         try:
-            self.send_store(job_id)
+            self.send("store", job_id)
         except Exception as exc:  # the schedule entry sends it a little later
             log.warning("job %s: could not send the store task: %s", job_id, exc)
         return "accepted"
@@ -119,7 +128,7 @@ class FalWebhooks:
     def record_rejection(self, job_id: str, exc: WebhookRejected, remote: str) -> None:
         log.warning("fal webhook for job %s refused (%s): %s", job_id, exc.code, exc.message)
         try:
-            self.ctx.store.redis.xadd(
+            self.store.redis.xadd(
                 self.rejected_key,
                 {
                     "job_id": job_id[:64],

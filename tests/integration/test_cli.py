@@ -86,7 +86,7 @@ def test_lipsync_worker_starts_a_celery_worker_for_its_queue(stack_env: dict[str
             time.sleep(0.2)
             text = (tmp_path / "worker.log").read_text(errors="replace")
         assert "ready." in text, text[-2000:]
-        assert "lipsync.poll" in text and "lipsync.submit" in text  # the tasks it knows
+        assert "lipsync.store" in text and "lipsync.submit" in text  # the tasks it knows
         assert ".> api" in text  # the queue it consumes
         # Its own node name, not celery@host: a second worker on this host would not clash.
         assert re.search(r"api-[0-9a-f]{6}@", text) and "celery@" not in text, text[:2000]

@@ -403,29 +403,27 @@ def test_fal_error_reported_by_webhook_fails_the_job_in_fals_words(gateway: Gate
 
 
 def test_poll_and_webhook_racing_move_the_job_on_exactly_once(gateway: GatewayStack) -> None:
-    from config.settings import Settings
+    from lipsync.jobs import finish_with_result
     from lipsync.models import FalRequest, Job, JobStatus, LipsyncInput
-    from workers.context import build_context
-    from workers.poll import accept_result
+    from lipsync.observe import observed_store
 
     # Its own prefix: no dispatcher looks at this job, only the racers below.
-    ctx = build_context(Settings(redis_url=gateway.env["LIPSYNC_REDIS_URL"], key_prefix="race"))
+    store = observed_store(redis.Redis.from_url(gateway.env["LIPSYNC_REDIS_URL"]), "race")
     now = time.time()
     fal = FalRequest(request_id="req-race", status_url="http://x/s", response_url="http://x/r", cancel_url="http://x/c")
     job = Job(
-        id=ctx.store.new_id(), status=JobStatus.queued, request=LipsyncInput(video_url="s3://b/v", audio_url="s3://b/a"),
+        id=store.new_id(), status=JobStatus.queued, request=LipsyncInput(video_url="s3://b/v", audio_url="s3://b/a"),
         request_digest="d", created_at=now, updated_at=now, deadline_at=now + 600,
     )  # fmt: skip
-    ctx.store.create(job, dispatch_lease_s=3600)
-    ctx.store.transition(job.id, JobStatus.in_progress, set_fields={"fal": fal.model_dump(mode="json")})
-    at_fal = ctx.store.get(job.id)
+    store.create(job, dispatch_lease_s=3600)
+    store.advance(job.id, JobStatus.in_progress, from_=[JobStatus.queued], fields={"fal": fal.model_dump(mode="json")})
     body = {"video": {"url": "http://127.0.0.1:9/out.mp4"}}
     barrier = threading.Barrier(8)
     wins: list[str] = []
 
     def race(via: str) -> None:
         barrier.wait()
-        if accept_result(at_fal, ctx, body, via=via):
+        if finish_with_result(store, job.id, fal, body, via=via, transfer_lease_s=300):
             wins.append(via)
 
     racers = [threading.Thread(target=race, args=("poll" if n % 2 else "webhook",)) for n in range(8)]
@@ -434,8 +432,8 @@ def test_poll_and_webhook_racing_move_the_job_on_exactly_once(gateway: GatewaySt
     for racer in racers:
         racer.join()
     assert len(wins) == 1, wins
-    assert ctx.store.get(job.id).status is JobStatus.storing
-    completions = [e["event"] for e in ctx.store.events(job.id) if e["event"].startswith("fal completed")]
+    assert store.get(job.id).status is JobStatus.storing
+    completions = [e["event"] for e in store.events(job.id) if e["event"].startswith("fal completed")]
     assert completions == [f"fal completed (by {wins[0]}); storing the output"]
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from workers.runner import backoff
+from lipsync.lifecycle import backoff
 
 
 def test_backoff_grows_exponentially_to_the_cap_with_jitter() -> None:

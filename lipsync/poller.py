@@ -1,0 +1,327 @@
+"""The wait step: jobs at fal are checked by an asyncio poller, not by Celery tasks.
+
+One poller runs as a thread with its own event loop in the main process of each worker that
+consumes the `api` queue (where the dispatcher ran before): no extra process to deploy, and
+as many pollers as api workers, each claiming its own batches (claims are atomic, so they
+never check the same job twice at once). Each turn it claims the due jobs from the `waiting`
+schedule in one round trip, checks them concurrently over one pooled keep-alive
+`httpx.AsyncClient`, and writes each outcome: still waiting (next check after a backoff of
+1 s → 30 s with jitter), failed at fal, or COMPLETED, whose result is fetched at once (fal
+keeps large results only minutes) and handed to `store` straight away.
+
+A job's first check comes when fal could first plausibly be done: the faster end (10th
+percentile) of recent times at fal (submit to result), which the poller itself records; on a
+cold start a few scout jobs are checked every second until the first one ends. fal webhooks, where
+configured, are the fast path; then the poller is the safety net (`poll_initial_s` raised).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import httpx
+import redis
+
+from config.settings import Settings
+from lipsync import jobs
+from lipsync.errors import FalError, PermanentError, RetryableError
+from lipsync.fal import FalQueueClient, QueueState, QueueStatus
+from lipsync.jobstore import JobStore, WaitingJob
+from lipsync.keys import Keys
+from lipsync.lifecycle import backoff, step
+from lipsync.models import AT_FAL_STATUSES, FalLog, FalRequest, JobError, JobStatus
+from lipsync.observe import observed_store
+from lipsync.redis_client import connect
+
+log = logging.getLogger("lipsync.poller")
+
+RECENT = 100  # times at fal kept for the first-check estimate
+IDLE_S = 1.0  # the longest pause with nothing due
+SCOUTS = 3  # jobs checked every second while fal's typical time is unknown
+
+
+class FirstCheck:
+    """When a job at fal could first plausibly be done: the faster end (10th percentile) of recent
+    times at fal (submit to result), shared by every worker through Redis (read at most every 10 s)."""
+
+    def __init__(self, client: redis.Redis[bytes], keys: Keys, settings: Settings) -> None:
+        self.redis, self.key, self.settings = client, keys.fal_seconds, settings
+        self._typical: float | None = None
+        self._fetched = float("-inf")
+
+    def typical(self) -> float | None:
+        now = time.monotonic()
+        if now - self._fetched > 10.0:
+            self._fetched = now
+            try:
+                recent = [float(v) for v in self.redis.lrange(self.key, 0, RECENT - 1)]
+            except redis.RedisError:
+                recent = []
+            if recent:
+                self._typical = _fast_end(recent)
+        return self._typical
+
+    def delay(self) -> float:
+        """Seconds from submit to the first status check."""
+        return max(self.settings.poll_initial_s, self.typical() or 0.0)
+
+    def learn(self, seconds: Sequence[float]) -> float | None:
+        """Record times at fal just seen; returns the typical time when it is new or shorter by a fifth."""
+        before = self.typical()
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.lpush(self.key, *[repr(t) for t in seconds])
+        pipe.ltrim(self.key, 0, RECENT - 1)
+        pipe.lrange(self.key, 0, RECENT - 1)
+        recent = [float(v) for v in pipe.execute()[2]]
+        self._typical, self._fetched = _fast_end(recent), time.monotonic()
+        if before is None or self._typical < 0.8 * before:
+            return self._typical
+        return None
+
+
+def _fast_end(seconds: Sequence[float]) -> float:
+    ordered = sorted(seconds)
+    return ordered[len(ordered) // 10]
+
+
+def read_status(response: httpx.Response) -> QueueStatus:
+    """fal's status answer (202 while queued or running, 200 when COMPLETED), as `FalQueueClient.status`."""
+    if response.status_code not in (200, 202):
+        raise FalQueueClient._error(response, "status")
+    body = response.json()
+    metrics = body.get("metrics") or {}
+    return QueueStatus(
+        state=QueueState(body["status"]),
+        queue_position=body.get("queue_position"),
+        logs=[FalLog.model_validate(entry) for entry in body.get("logs") or []],
+        inference_time=metrics.get("inference_time"),
+        error=body.get("error"),
+        error_type=body.get("error_type"),
+    )
+
+
+class Poller:
+    def __init__(self, settings: Settings, send: jobs.Sender, *, batch: int = 200, interval_s: float = 0.02) -> None:
+        self.settings = settings
+        self.send = send
+        self.batch = batch
+        self.interval_s = interval_s  # between turns that found work: let the loop breathe
+        self.redis = connect(settings.redis_url)
+        self.store: JobStore = observed_store(self.redis, settings.key_prefix)
+        self.keys = Keys(settings.key_prefix)
+        self.lease_s = step("wait").lease_s(settings)
+        self._fal: FalQueueClient | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._main, name="lipsync-poller", daemon=True)
+        self._inference_times: list[float] = []
+        self.first_check = FirstCheck(self.redis, self.keys, settings)
+        self._scouts: dict[str, float] = {}  # see `_next_check`
+
+    # lifecycle of the thread --------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _main(self) -> None:
+        asyncio.run(self.run())
+
+    async def run(self) -> None:
+        timeout = httpx.Timeout(self.settings.http_timeout_s, connect=min(10.0, self.settings.http_timeout_s))
+        limits = httpx.Limits(max_connections=100, max_keepalive_connections=100)
+        headers = {"Authorization": f"Key {self.settings.fal_key.get_secret_value()}"}
+        async with httpx.AsyncClient(timeout=timeout, limits=limits, headers=headers) as http:
+            while not self._stop.is_set():
+                try:
+                    pause = await self.turn(http)
+                except Exception as exc:  # Redis restarting: keep trying, quietly
+                    log.warning("poller: %s: %s", type(exc).__name__, exc)
+                    pause = 1.0
+                if pause > 0:
+                    await asyncio.sleep(pause)
+
+    async def turn(self, http: httpx.AsyncClient) -> float:
+        """Claim the due jobs and check them all at once; returns how long to pause before the next turn.
+
+        With nothing due it sleeps until the next check is due, at most `IDLE_S`: a job whose
+        check is brought forward meanwhile (a new submit is first due a second or more ahead)
+        waits no longer than that.
+        """
+        due, next_due = self.store.claim_waiting_or_next(self.lease_s, self.batch)
+        if due:
+            await asyncio.gather(*(self.check_one(job, http) for job in due))
+            self._record_inference_times()
+            return 0.0 if len(due) >= self.batch else self.interval_s
+        if next_due is None:
+            return IDLE_S
+        return min(IDLE_S, max(0.01, next_due - time.time()))
+
+    # one job -----------------------------------------------------------------
+    async def check_one(self, job: WaitingJob, http: httpx.AsyncClient) -> None:
+        self._scouts.pop(job.id, None)  # a scout again below if it is still waiting
+        try:
+            await self.check(job, http)
+        except Exception as exc:  # one job's trouble never stops the others
+            log.exception("job %s: status check failed: %s", job.id, exc)
+            self._retry_later(job, f"unexpected error in the status check: {type(exc).__name__}")
+
+    async def check(self, job: WaitingJob, http: httpx.AsyncClient) -> None:
+        if job.fal is None or job.status not in AT_FAL_STATUSES:
+            # Not at fal (any more): the dispatcher's, if it needs a step at all.
+            self.store.unschedule(job.id)
+            if not job.status.terminal:
+                self.store.schedule(job.id, time.time())
+            return
+        request = FalRequest.model_validate(job.fal)
+        if time.time() > job.deadline_at:
+            self._fail(
+                job,
+                request,
+                PermanentError(
+                    f"fal did not finish before the job's deadline ({self.settings.job_deadline_s:.0f} s); "
+                    "the request was cancelled at fal",
+                    code="deadline_exceeded",
+                ),
+            )
+            return
+        try:
+            status = read_status(await self._get(http, request.status_url, {"logs": "1"}))
+            if status.state is not QueueState.completed:
+                self._still_waiting(job, request, status)
+                return
+            if status.error:
+                raise FalError(
+                    f"fal could not process the request: {status.error}"
+                    + (f" ({status.error_type})" if status.error_type else ""),
+                    error_type=status.error_type,
+                )
+            body = await self._result(http, request)
+        except RetryableError as exc:
+            self._retry_later(job, exc.message, exc.delay)
+            return
+        except PermanentError as exc:
+            self._fail(job, request, exc)
+            return
+        if job.submitted_at is not None:
+            # What a job spends at fal, submit to result (fetching inputs, queue, inference):
+            # the first check's moment. Seen through checks, so a little late, never early.
+            self._inference_times.append(max(0.0, time.time() - job.submitted_at))
+        if jobs.finish_with_result(
+            self.store,
+            job.id,
+            request,
+            body,
+            via="poll",
+            transfer_lease_s=self.settings.transfer_lease_s,
+            inference_time=status.inference_time,
+            logs=status.logs,
+        ):
+            self.send("store", job.id)
+
+    async def _get(self, http: httpx.AsyncClient, url: str, params: dict[str, str] | None = None) -> httpx.Response:
+        try:
+            return await http.get(url, params=params)
+        except httpx.TransportError as exc:
+            raise RetryableError(f"could not reach fal: {type(exc).__name__}") from None
+
+    async def _result(self, http: httpx.AsyncClient, request: FalRequest) -> dict[str, Any]:
+        response = await self._get(http, request.response_url)
+        if response.status_code == 200:
+            body: dict[str, Any] = response.json()
+            return body
+        if response.status_code == 400 and "in progress" in response.text.lower():
+            raise RetryableError("fal says the result is not ready yet", delay=1.0)
+        raise FalQueueClient._error(response, "result")
+
+    # outcomes ----------------------------------------------------------------
+    def _still_waiting(self, job: WaitingJob, request: FalRequest, status: QueueStatus) -> None:
+        to = JobStatus.in_queue if status.state is QueueState.in_queue else JobStatus.in_progress
+        due_at = self._next_check(job)
+        if to is job.status and status.queue_position == request.queue_position:
+            self.store.check_again(job.id, due_at)  # nothing new to write (logs come with the next change)
+            return
+        fal = request.model_copy(update={"queue_position": status.queue_position})
+        fields: dict[str, Any] = {"fal": fal.model_dump(mode="json")}
+        if status.logs:
+            fields["logs"] = [entry.model_dump(mode="json") for entry in status.logs[-jobs.LOG_TAIL :]]
+        self.store.wait(
+            job.id,
+            due_at,
+            from_=AT_FAL_STATUSES,
+            to=to,
+            fields=fields,
+            event=None if to is job.status else f"fal reports {status.state.value}",
+        )
+
+    def _next_check(self, job: WaitingJob) -> float:
+        """Backoff with jitter (1 s → 30 s); but never later than the job could plausibly be done,
+        and once past that moment, the backoff starts again from there."""
+        now = time.time()
+        settings = self.settings
+        typical = self.first_check.typical()
+        if typical is None:
+            # Nothing learned yet (a cold start): a few jobs, the scouts, are checked every
+            # `poll_initial_s`; the first end teaches the typical time, which brings every
+            # other job's check forward to when it could be done. Until then the others wait
+            # at the backoff's cap. A few checks for the batch instead of a late notice for each.
+            self._scouts = {i: at for i, at in self._scouts.items() if now - at < settings.poll_max_s}
+            if job.id in self._scouts or len(self._scouts) < SCOUTS:
+                self._scouts[job.id] = now
+                return now + settings.poll_initial_s * random.uniform(0.9, 1.1)
+            return now + settings.poll_max_s * random.uniform(0.75, 1.0)
+        if typical is None or job.submitted_at is None:
+            return now + backoff(job.polls + 1, settings.poll_initial_s, settings.poll_max_s)
+        plausible = job.submitted_at + typical
+        if now < plausible:
+            return min(plausible, now + backoff(job.polls + 1, settings.poll_initial_s, settings.poll_max_s))
+        # Overdue: check again after about half the time it is overdue (1 s at least, 30 s at most).
+        overdue = now - plausible
+        return now + min(settings.poll_max_s, max(settings.poll_initial_s, overdue / 2)) * random.uniform(0.75, 1.25)
+
+    def _retry_later(self, job: WaitingJob, message: str, delay: float | None = None) -> None:
+        # Checks are bounded by the job's deadline rather than a count: fal may be slow for long.
+        wait = (
+            delay
+            if delay is not None
+            else backoff(job.polls + 1, self.settings.poll_initial_s, self.settings.poll_max_s)
+        )
+        log.info("job %s: status check will retry in %.1f s: %s", job.id, wait, message)
+        self.store.wait(
+            job.id,
+            time.time() + wait,
+            from_=AT_FAL_STATUSES,
+            count=["attempts:retry_wait"],
+            event=f"retry wait in {wait:.1f}s: {message}",
+        )
+
+    def _fail(self, job: WaitingJob, request: FalRequest, exc: PermanentError) -> None:
+        error = JobError(
+            code=exc.code, message=exc.message, fal_error_type=getattr(exc, "error_type", None), stage="poll"
+        )
+        if not jobs.finish_with_error(self.store, job.id, error, via="poll"):
+            return
+        if exc.code != "fal_error":  # fal is still working on it (deadline, our refusal): stop paying
+            if self._fal is None:
+                s = self.settings
+                self._fal = FalQueueClient(
+                    queue_url=s.fal_queue_url, app=s.fal_app, key=s.fal_key, timeout_s=s.http_timeout_s
+                )
+            jobs.cancel_at_fal(self.store, self.settings, self.store.get(job.id), fal=self._fal)
+
+    def _record_inference_times(self) -> None:
+        if not self._inference_times:
+            return
+        seen, self._inference_times = self._inference_times, []
+        typical = self.first_check.learn(seen)
+        if typical is not None:
+            # Learned (or shorter than thought): jobs waiting past their plausible end are checked then.
+            moved = self.store.bring_checks_forward(typical)
+            log.info("poller: fal typically needs %.1f s; %d checks brought forward", typical, moved)
