@@ -10,6 +10,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import hashlib
 import json
 import os
 import random
@@ -79,6 +80,26 @@ class Config:
                 raise ValueError(f"unknown setting {name!r}")
 
 
+def input_key(arguments: Any) -> str:
+    """The same input gives the same key, whatever the key order, whitespace or URL signature.
+
+    A URL's query string is left out: a resubmitted job carries the same objects under a
+    freshly presigned URL, and it is the same paid work.
+    """
+    canonical = json.dumps(_unsigned(arguments), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:32]
+
+
+def _unsigned(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _unsigned(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_unsigned(v) for v in value]
+    if isinstance(value, str) and value.startswith(("http://", "https://")):
+        return value.split("?", 1)[0].split("#", 1)[0]
+    return value
+
+
 def parse_latency(text: str) -> tuple[float, float]:
     low, _, high = text.partition("-")
     return (float(low), float(high or low))
@@ -108,6 +129,10 @@ class FalRequest:
     inject: set[str] = field(default_factory=set)
     task: asyncio.Task[None] | None = None
 
+    @property
+    def input_key(self) -> str:
+        return input_key(self.arguments)
+
     def urls(self) -> dict[str, str]:
         root = f"{self.base}/{self.app}/requests/{self.id}"
         return {"status_url": f"{root}/status", "response_url": root, "cancel_url": f"{root}/cancel"}
@@ -133,8 +158,21 @@ class Emulator:
     def reset_counters(self) -> None:
         self.counters: dict[str, Any] = {
             "submits": 0, "created": 0, "status_polls": 0, "results": 0, "cancels": 0,
-            "completed": 0, "failed": 0, "webhooks": 0, "by_marker": {},
+            "completed": 0, "failed": 0, "webhooks": 0, "by_marker": {}, "by_input": {},
         }  # fmt: skip
+
+    def count_created(self, found: FalRequest) -> None:
+        """Count what fal would bill: every request created, by its input, whoever sent it.
+
+        `by_input` is keyed by a digest of the input JSON, so a second request for the same
+        job shows up even when the sender left out (or changed) our X-Lipsync-Job-Id header.
+        """
+        self.counters["created"] += 1
+        by_input = self.counters["by_input"]
+        by_input[found.input_key] = by_input.get(found.input_key, 0) + 1
+        if found.marker:
+            by_marker = self.counters["by_marker"]
+            by_marker[found.marker] = by_marker.get(found.marker, 0) + 1
 
     # lifecycle ---------------------------------------------------------------
     async def startup(self) -> None:
@@ -402,14 +440,17 @@ def build_app(emulator: Emulator) -> Starlette:
             if emulator.faults.fire(name):
                 found.inject.add(name)
         emulator.requests[found.id] = found
-        emulator.counters["created"] += 1
-        if found.marker:
-            by_marker = emulator.counters["by_marker"]
-            by_marker[found.marker] = by_marker.get(found.marker, 0) + 1
+        emulator.count_created(found)
         emulator.waiting.append(found.id)
         emulator.wakeup.set()
         if emulator.faults.fire("drop_submit"):
             return _DroppedAnswer()
+        if emulator.faults.fire("runner_5xx_created"):
+            # Real fal can create the request and still answer 5xx; its id is in the header.
+            return _fal_json(
+                {"detail": "Runner unavailable"}, 503, request_id=found.id,
+                headers={"X-Fal-Error-Type": "runner_unavailable"},
+            )  # fmt: skip
         body = {"request_id": found.id, **found.urls(), "queue_position": len(emulator.waiting) - 1}
         return _fal_json(body, 200, request_id=found.id)
 
@@ -537,7 +578,19 @@ def build_app(emulator: Emulator) -> Starlette:
             return JSONResponse({"detail": "Request not found"}, status_code=404)
         state = {k: v for k, v in vars(found).items() if k not in ("task",)}
         state["inject"] = sorted(found.inject)
+        state["input_key"] = found.input_key
+        state["created_for_input"] = emulator.counters["by_input"].get(found.input_key, 0)
         return JSONResponse(state)
+
+    async def listing(request: Request) -> Response:
+        """Every request created since the last reset, as fal's bill would list them."""
+        return JSONResponse({
+            "requests": [
+                {"id": r.id, "marker": r.marker, "input_key": r.input_key, "status": r.status,
+                 "error_type": r.error_type, "cancel_requested": r.cancel_requested, "created": r.created}
+                for r in emulator.requests.values()
+            ]
+        })  # fmt: skip
 
     async def jwks(request: Request) -> Response:
         return JSONResponse(emulator.signer.jwks())
@@ -547,6 +600,7 @@ def build_app(emulator: Emulator) -> Starlette:
         Route("/_admin/faults", faults, methods=["POST", "DELETE"]),
         Route("/_admin/config", configure, methods=["POST"]),
         Route("/_admin/reset", reset, methods=["POST"]),
+        Route("/_admin/requests", listing),
         Route("/_admin/requests/{request_id}", inspect),
         Route("/_cdn/{request_id}/{name}", cdn),
         Route("/.well-known/jwks.json", jwks),

@@ -57,6 +57,17 @@ class EmulatorProcess:
         answer: dict[str, Any] = response.json()
         return answer
 
+    def requests(self) -> list[dict[str, Any]]:
+        """Every fal request created since the last reset: id, marker, input_key, status."""
+        response = self._admin.get("/_admin/requests")
+        response.raise_for_status()
+        answer: list[dict[str, Any]] = response.json()["requests"]
+        return answer
+
+    def created_since(self, before: dict[str, Any]) -> int:
+        """Requests created since `before` (a `counters()` snapshot): this test's own, not the session's."""
+        return int(self.counters()["created"]) - int(before["created"])
+
     def inspect(self, request_id: str) -> dict[str, Any]:
         response = self._admin.get(f"/_admin/requests/{request_id}")
         response.raise_for_status()
