@@ -75,3 +75,63 @@ def test_presigned_output_url_lives_as_long_as_configured_and_serves_the_stored_
     answer = httpx.get(url, timeout=30)
     assert answer.status_code == 200
     assert len(answer.content) == job.output.file_size
+
+
+def wait_until(check: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {timeout:.0f} s")
+        time.sleep(0.1)
+
+
+def test_cancel_while_the_submit_is_in_flight_cancels_the_request_fal_then_creates(
+    client: Any, media: dict[str, str], emulator: Any, workers: Any
+) -> None:
+    """The POST hangs at fal (3 s); the job is cancelled meanwhile; fal's request must not run on our bill."""
+    emulator.configure(hang_seconds=3)
+    before = emulator.counters()
+    hangs_before = before["faults_injected"].get("hang", 0)
+    emulator.set_faults(hang="once")
+    try:
+        job = client.submit(media["video_3s"], media["audio_3s"])
+        # The POST is in flight once fal has started to hang on it.
+        wait_until(lambda: emulator.counters()["faults_injected"].get("hang", 0) > hangs_before, 60, "submit sent")
+        assert client.get(job.id).status is JobStatus.submitting
+        cancelled = client.cancel(job.id)
+        assert cancelled.status is JobStatus.cancelled
+        wait_until(lambda: emulator.created_since(before) == 1, 30, "fal created the request")
+        (request,) = [r for r in emulator.requests() if r["marker"] == job.id]
+        wait_until(lambda: emulator.inspect(request["id"])["cancel_requested"], 30, "request cancelled at fal")
+    finally:
+        emulator.clear_faults()
+        emulator.configure(hang_seconds=60)
+    assert client.get(job.id).status is JobStatus.cancelled
+    assert emulator.created_since(before) == 1
+
+
+def test_deadline_passing_while_queued_at_fal_fails_the_job_and_cancels_its_request(
+    client: Any, media: dict[str, str], emulator: Any, workers: Any
+) -> None:
+    """fal runs one request at a time and a long one holds it: the next waits in fal's queue past its deadline."""
+    from producers.api import LipsyncClient
+
+    emulator.configure(concurrency=1, latency="60")
+    before = emulator.counters()
+    short = LipsyncClient(client.settings.model_copy(update={"job_deadline_s": 15}))
+    blocker = client.submit(media["video_3s"], media["audio_3s"])
+    try:
+        wait_until(lambda: client.get(blocker.id).fal is not None, 60, "the blocker reached fal")
+        job = short.submit(media["video_3s"], media["audio_3s"])
+        (job,) = short.wait([job.id], timeout_s=90)
+        assert job.status is JobStatus.failed and job.error is not None, job.status
+        assert job.error.code == "deadline_exceeded", job.error
+        assert job.fal is not None, "it reached fal before its deadline"
+        request = emulator.inspect(job.fal.request_id)
+        assert request["cancel_requested"] and request["started"] is None, request["status"]
+        assert request["error_type"] == "request_cancelled"  # never ran: nothing to pay
+    finally:
+        client.cancel(blocker.id)
+        emulator.configure(concurrency=8, latency="0.3")
+        short.close()
+    assert emulator.created_since(before) == 2
