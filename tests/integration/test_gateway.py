@@ -392,6 +392,34 @@ def test_forged_replayed_stale_and_malformed_webhooks_are_refused_and_a_duplicat
     assert gateway.store.get(other["id"]).status.value == "completed"
 
 
+def test_webhook_arriving_while_the_submit_is_still_being_recorded_asks_fal_to_deliver_again(
+    gateway: GatewayStack, emulator: Any
+) -> None:
+    """fal may answer by webhook before our submit has saved the request id: 409 not_ready, then it completes."""
+    emulator.configure(hang_seconds=3)
+    before = emulator.counters()
+    hangs_before = before["faults_injected"].get("hang", 0)
+    emulator.set_faults(hang="once")
+    try:
+        job = submit(gateway)
+        deadline = time.monotonic() + 60  # the submit POST is in flight once fal hangs on it
+        while emulator.counters()["faults_injected"].get("hang", 0) == hangs_before:
+            assert time.monotonic() < deadline, "the submit never reached fal"
+            time.sleep(0.05)
+        assert gateway.store.get(job["id"]).status.value == "submitting"
+        body = _fal_body("req-early")
+        early = httpx.post(
+            f"{gateway.url}/v1/fal/webhook/{job['id']}", content=body, headers=gateway.fal_keys.sign("req-early", body)
+        )
+        assert early.status_code == 409 and early.json()["code"] == "not_ready", early.text
+        done = gateway.wait_for(job["id"], timeout=POLL_FIRST_S * 2)
+    finally:
+        emulator.clear_faults()
+        emulator.configure(hang_seconds=60)
+    assert done["status"] == "completed", done
+    assert emulator.created_since(before) == 1
+
+
 def test_fal_error_reported_by_webhook_fails_the_job_in_fals_words(gateway: GatewayStack, emulator: Any) -> None:
     emulator.set_faults(model_error="once")
     try:
