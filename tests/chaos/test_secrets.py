@@ -187,6 +187,10 @@ def test_no_secret_in_logs_redis_broker_or_flower(
         }
         for task_id in list(tasks)[:200]:
             pages[f"/api/task/info/{task_id}"] = api.get(f"/api/task/info/{task_id}").text
+        for task_id in list(tasks)[:20]:  # the HTML page an operator opens: args, kwargs, result, traceback
+            page = api.get(f"/task/{task_id}")
+            assert page.status_code == 200, (task_id, page.status_code)
+            pages[f"/task/{task_id}"] = page.text
     for path, text in pages.items():
         problems += leaks(text, f"Flower {path}")
     for log in sorted(stack.logdir.glob("*.log")):
