@@ -135,3 +135,56 @@ def test_deadline_passing_while_queued_at_fal_fails_the_job_and_cancels_its_requ
         emulator.configure(concurrency=8, latency="0.3")
         short.close()
     assert emulator.created_since(before) == 2
+
+
+def test_request_id_is_saved_through_a_redis_outage_that_starts_while_the_submit_is_in_flight(
+    stack_env: dict[str, str], redis_server: Any, media: dict[str, str], emulator: Any, tmp_path: Any
+) -> None:
+    """Made to happen, not hoped for: Redis goes away while fal holds the POST, and is back only after
+    the worker has the request id in hand and has tried to save it. The job must complete on that
+    one request: neither lost (a paid request no job knows) nor submitted again."""
+    import urllib.parse
+
+    from producers.api import LipsyncClient
+    from producers.devstack import DEFAULT_WORKERS, free_port
+    from tests.chaos.proxy import TcpProxy
+    from tests.conftest import Workers
+    from tests.fixtures.isolated import settings_from
+
+    parts = urllib.parse.urlsplit(redis_server.url)
+    proxy = TcpProxy(parts.port or 6379, free_port())
+    proxy.start()
+    # The workers' job store goes through the proxy; their broker and this test's view go direct.
+    direct = urllib.parse.urlunsplit(parts._replace(path="/11"))
+    proxied = urllib.parse.urlunsplit(parts._replace(netloc=f"127.0.0.1:{proxy.port}", path="/11"))
+    env = {**stack_env, "LIPSYNC_REDIS_URL": proxied, "LIPSYNC_BROKER_URL": direct, "LIPSYNC_KEY_PREFIX": "blip"}
+    workers = Workers(env, tmp_path)
+    for spec in DEFAULT_WORKERS:
+        workers.start(spec)
+    client = LipsyncClient(settings_from({**env, "LIPSYNC_REDIS_URL": direct}))
+    emulator.configure(hang_seconds=3)
+    before = emulator.counters()
+    hangs_before = before["faults_injected"].get("hang", 0)
+    try:
+        wait_until(lambda: workers.logs().count(" ready.") >= len(DEFAULT_WORKERS), 60, "workers ready")
+        emulator.set_faults(hang="once")
+        job = client.submit(media["video_3s"], media["audio_3s"])
+        wait_until(lambda: emulator.counters()["faults_injected"].get("hang", 0) > hangs_before, 60, "submit sent")
+        proxy.stop()  # Redis unreachable for the workers from here on
+        wait_until(lambda: emulator.created_since(before) == 1, 30, "fal created the request")
+        (request,) = [r for r in emulator.requests() if r["marker"] == job.id]
+        # The worker has fal's answer and is trying to save it: it says so, naming the request.
+        wait_until(lambda: request["id"] in workers.logs(), 30, "the worker tried to save the request id")
+        assert client.get(job.id).fal is None, "saved while Redis was unreachable?"
+        proxy.start()
+        (job,) = client.wait([job.id], timeout_s=120)
+    finally:
+        emulator.clear_faults()
+        emulator.configure(hang_seconds=60)
+        workers.stop_all()
+        proxy.stop()
+        client.redis.flushdb()
+        client.close()
+    assert job.status is JobStatus.completed, job.error
+    assert job.fal is not None and job.fal.request_id == request["id"]
+    assert emulator.created_since(before) == 1
