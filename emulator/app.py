@@ -160,6 +160,18 @@ class Emulator:
             "submits": 0, "created": 0, "status_polls": 0, "results": 0, "cancels": 0,
             "completed": 0, "failed": 0, "webhooks": 0, "by_marker": {}, "by_input": {},
         }  # fmt: skip
+        # Every request created since the reset, in order, and what became of those that
+        # retention has swept away: fal's bill does not forget a request when its result expires.
+        self.created_ids: list[str] = []
+        self.swept: dict[str, dict[str, Any]] = {}
+
+    def summary(self, found: FalRequest, swept: bool = False) -> dict[str, Any]:
+        return {
+            "id": found.id, "marker": found.marker, "input_key": found.input_key, "status": found.status,
+            "error_type": found.error_type, "cancel_requested": found.cancel_requested,
+            "inject": sorted(found.inject), "created": found.created, "started": found.started,
+            "finished": found.finished, "swept": swept,
+        }  # fmt: skip
 
     def count_created(self, found: FalRequest) -> None:
         """Count what fal would bill: every request created, by its input, whoever sent it.
@@ -168,6 +180,7 @@ class Emulator:
         job shows up even when the sender left out (or changed) our X-Lipsync-Job-Id header.
         """
         self.counters["created"] += 1
+        self.created_ids.append(found.id)
         by_input = self.counters["by_input"]
         by_input[found.input_key] = by_input.get(found.input_key, 0) + 1
         if found.marker:
@@ -220,6 +233,7 @@ class Emulator:
                     continue
                 keep = self.config.retention_large if found.output_size >= LARGE_RESULT_BYTES else self.config.retention
                 if now - found.finished > keep:
+                    self.swept[request_id] = self.summary(found, swept=True)
                     self.requests.pop(request_id, None)
                 if now - found.finished > self.config.cdn_ttl:
                     shutil.rmtree(self.data_dir / request_id, ignore_errors=True)
@@ -584,13 +598,14 @@ def build_app(emulator: Emulator) -> Starlette:
 
     async def listing(request: Request) -> Response:
         """Every request created since the last reset, as fal's bill would list them."""
-        return JSONResponse({
-            "requests": [
-                {"id": r.id, "marker": r.marker, "input_key": r.input_key, "status": r.status,
-                 "error_type": r.error_type, "cancel_requested": r.cancel_requested, "created": r.created}
-                for r in emulator.requests.values()
-            ]
-        })  # fmt: skip
+        listed = []
+        for request_id in emulator.created_ids:
+            found = emulator.requests.get(request_id)
+            if found is not None:
+                listed.append(emulator.summary(found))
+            elif request_id in emulator.swept:
+                listed.append(emulator.swept[request_id])
+        return JSONResponse({"requests": listed})
 
     async def jwks(request: Request) -> Response:
         return JSONResponse(emulator.signer.jwks())

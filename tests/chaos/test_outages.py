@@ -233,10 +233,11 @@ def test_s3_unreachable_for_ten_seconds_loses_nothing(
             explained={"fal_error": at_fal, "fal_validation_error": at_fal}, restored=restored,
             extra={"disruptions": 1, "s3_down_s": 10}, recovery_bound_s=RECOVERY_AFTER_OUTAGE_S,
         )  # fmt: skip
+    at_fal_now = {request["id"]: request for request in stack.emulator.requests()}
     for job in verdict.jobs:
         if job.status is JobStatus.failed:
             assert job.fal is not None, job.error
-            request = stack.emulator.inspect(job.fal.request_id)
+            request = at_fal_now[job.fal.request_id]
             ran_from, ran_to = request["started"], request["finished"]
             # It ran (downloaded its inputs) while S3 was away, give or take a second.
             assert ran_from is not None and ran_from <= restored[0] + 1 and ran_to >= down_at - 1, (
@@ -271,15 +272,30 @@ def test_fal_faults_are_retried_or_explained_and_never_paid_twice(
     with Progress(client.settings.redis_url, client.settings.key_prefix, submitted.job_ids) as progress:
         progress.wait_all(BOUND_S)  # then count the faults injected: rates keep firing until the end
         injected = emulator.counters()["faults_injected"]
+        # A result is gone either because expire_result said so, or because the 20 s retention ran
+        # out while hangs and 5xx held its polls back: both are this scenario's faults. Each gone
+        # job must be one of the two (checked below), and only those may fail as gone.
+        at_fal = {request["id"]: request for request in emulator.requests()}
+        gone = [
+            job for job in client.store.get_many(submitted.job_ids)
+            if job.error is not None and job.error.code == "fal_request_gone"
+        ]  # fmt: skip
+        for job in gone:
+            assert job.fal is not None
+            request = at_fal[job.fal.request_id]
+            assert "expire_result" in request["inject"] or request["swept"], (job.id, request)
+        retention_ran_out = sum(
+            1 for job in gone if job.fal and "expire_result" not in at_fal[job.fal.request_id]["inject"]
+        )
         verdict = finish(
             stack, client, progress, submitted, "fal faults", tmp_path, chaos_figures,
             explained={
                 # Each failure kind tied to the fault that causes it; 5xx and 429 cause none.
                 "submit_outcome_unknown": injected.get("drop_submit", 0) + injected.get("hang", 0),
                 "fal_error": injected.get("model_error", 0),
-                "fal_request_gone": injected.get("expire_result", 0),
+                "fal_request_gone": injected.get("expire_result", 0) + retention_ran_out,
             },
-            restored=[], extra={},
+            restored=[], extra={"retention_ran_out": retention_ran_out},
         )  # fmt: skip
     # A model error fails its job, one for one: not fewer (hidden), not more (5xx made fatal).
     assert verdict.figures["failures_by_code"].get("fal_error", 0) == injected.get("model_error", 0) == 5
