@@ -61,8 +61,21 @@ def metrics_before(flower: tuple[str, str], workers: Any) -> tuple[Totals, Total
 
 
 @pytest.fixture(scope="module")
+def stats_before(flower: tuple[str, str], stack_env: dict[str, str]) -> dict[str, Any]:
+    """`lipsync stats` just before the batch, for the same reason."""
+    result = lipsync(stack_env, "stats", "--minutes", "30", "--json")
+    assert result.returncode == 0, result.stderr
+    answer: dict[str, Any] = json.loads(result.stdout)
+    return answer
+
+
+@pytest.fixture(scope="module")
 def batch(
-    flower: tuple[str, str], metrics_before: tuple[Totals, Totals], client: Any, media: dict[str, str]
+    flower: tuple[str, str],
+    metrics_before: tuple[Totals, Totals],
+    stats_before: dict[str, Any],
+    client: Any,
+    media: dict[str, str],
 ) -> list[Job]:
     """One job that completes and one whose 'video' is audio only, so it fails in staging."""
     jobs = [
@@ -179,14 +192,19 @@ def test_flower_api_lists_the_tasks_and_workers_only_with_its_password(
     assert "flower_task_runtime_seconds_bucket" in metrics.text
 
 
-def test_stats_prints_throughput_latency_failures_and_spend(stack_env: dict[str, str], batch: list[Job]) -> None:
+def test_stats_prints_throughput_latency_failures_and_spend(
+    stack_env: dict[str, str], batch: list[Job], stats_before: dict[str, Any]
+) -> None:
     result = lipsync(stack_env, "stats", "--minutes", "30", "--json")
     assert result.returncode == 0, result.stderr
     stats = json.loads(result.stdout)
-    assert stats["completed"] >= 1 and stats["failed"] >= 1
+    # This batch's own: one completed, one failed (the window is 30 minutes, the batch seconds).
+    assert stats["completed"] - stats_before["completed"] == 1
+    assert stats["failed"] - stats_before["failed"] == 1
     assert stats["completed_per_minute"] > 0 and stats["spend_usd"] > 0
     end_to_end = stats["latency"]["end to end"]
-    assert end_to_end["count"] >= 1 and 0 < end_to_end["percentiles"]["p50"] <= end_to_end["max"]
+    counted_before = stats_before.get("latency", {}).get("end to end", {}).get("count", 0)
+    assert end_to_end["count"] > counted_before and 0 < end_to_end["percentiles"]["p50"] <= end_to_end["max"]
     assert "at fal" in stats["latency"] and "staging" in stats["latency"]
     assert any(failure["code"] == "invalid_input" for failure in stats["failures"])
     shown = lipsync(stack_env, "stats", "--minutes", "30")
