@@ -188,3 +188,45 @@ def test_request_id_is_saved_through_a_redis_outage_that_starts_while_the_submit
     assert job.status is JobStatus.completed, job.error
     assert job.fal is not None and job.fal.request_id == request["id"]
     assert emulator.created_since(before) == 1
+
+
+def test_worker_killed_during_submit_pays_at_most_once_and_says_so(
+    stack_env: dict[str, str], redis_server: Any, media: dict[str, str], emulator: Any, tmp_path: Any
+) -> None:
+    """kill -9 the api worker while fal holds its POST: the rerun must not POST again, and says why."""
+    import urllib.parse
+
+    from producers.api import LipsyncClient
+    from producers.devstack import DEFAULT_WORKERS
+    from tests.conftest import Workers
+    from tests.fixtures.isolated import kill_group, settings_from
+
+    own = urllib.parse.urlunsplit(urllib.parse.urlsplit(redis_server.url)._replace(path="/12"))
+    env = {**stack_env, "LIPSYNC_REDIS_URL": own, "LIPSYNC_BROKER_URL": own, "LIPSYNC_KEY_PREFIX": "killed"}
+    workers = Workers(env, tmp_path)
+    for spec in DEFAULT_WORKERS:
+        workers.start(spec)
+    client = LipsyncClient(settings_from(env))
+    emulator.configure(hang_seconds=5)
+    before = emulator.counters()
+    hangs_before = before["faults_injected"].get("hang", 0)
+    try:
+        wait_until(lambda: workers.logs().count(" ready.") >= len(DEFAULT_WORKERS), 60, "workers ready")
+        emulator.set_faults(hang="once")
+        job = client.submit(media["video_3s"], media["audio_3s"])
+        wait_until(lambda: emulator.counters()["faults_injected"].get("hang", 0) > hangs_before, 60, "submit sent")
+        kill_group(workers.processes["api"])  # mid-POST: its answer can never arrive
+        api = next(spec for spec in DEFAULT_WORKERS if spec.name == "api")
+        workers.start(api)
+        (job,) = client.wait([job.id], timeout_s=120)
+    finally:
+        emulator.clear_faults()
+        emulator.configure(hang_seconds=60)
+        workers.stop_all()
+        client.redis.flushdb()
+        client.close()
+    assert job.status is JobStatus.failed, job.status
+    assert job.error is not None and job.error.code == "submit_outcome_unknown", job.error
+    # Whatever fal did with the interrupted POST (ran it, or dropped it with the connection),
+    # nothing was sent after it: one request at most, and the job says one may exist.
+    assert emulator.created_since(before) <= 1
