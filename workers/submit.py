@@ -12,10 +12,15 @@ import contextlib
 import logging
 import time
 
+import redis
+from redis.backoff import EqualJitterBackoff
+from redis.retry import Retry
+
 from lipsync.errors import PermanentError, RetryableError
 from lipsync.fal import SubmitOutcomeUnknown
 from lipsync.lifecycle import Advance, Outcome, Wait
 from lipsync.models import FalRequest, Job, JobStatus
+from lipsync.replication import ReplicaAckTimeout
 from workers.context import Context
 from workers.runner import Lease, saved_request_id
 
@@ -41,6 +46,7 @@ def submit(job: Job, ctx: Context, lease: Lease) -> Outcome:
         return None  # cancelled meanwhile: nothing to send
     if not admission.admitted:
         return Wait(max(0.05, admission.retry_after))
+    confirm_claim(job, ctx)
     video, audio = job.inputs["video"], job.inputs["audio"]
     ttl = int(max(settings.presign_ttl_s, job.deadline_at - time.time() + 3600))
     arguments = job.request.model_dump(mode="json", exclude_none=True)
@@ -71,5 +77,23 @@ def submit(job: Job, ctx: Context, lease: Lease) -> Outcome:
         if_refused=refused,
     )
 
+
+def confirm_claim(job: Job, ctx: Context) -> None:
+    """The claim must survive a Redis failover before the POST: acknowledged by the replicas
+    (`redis_min_replicas_ack`), or nothing is sent. A claim not acknowledged is taken back
+    (the runner's write of the retry gives the slot back), so that the retry is a fresh submit,
+    not mistaken for an interrupted POST."""
+    try:
+        if ctx.store.confirm(job.id, [CLAIM_FIELD]):
+            return
+        problem = "its submit claim was lost in a Redis failover"
+    except (ReplicaAckTimeout, redis.ConnectionError, redis.TimeoutError) as exc:
+        problem = f"its submit claim is not known to be on a replica ({exc})"
+        _CLAIM_RETRY.call_with_retry(lambda: ctx.store.note(job.id, delete=[CLAIM_FIELD]), lambda _: None)
+    raise RetryableError(f"job {job.id} was not sent to fal: {problem}; trying again")
+
+
+# Taking the claim back rides out the failover that lost its acknowledgement (about 20 s).
+_CLAIM_RETRY = Retry(EqualJitterBackoff(cap=1.0, base=0.1), retries=30)
 
 __all__ = ["CLAIM_FIELD", "FalRequest", "submit"]
