@@ -258,3 +258,26 @@ def test_broker_publishes_and_consumes_across_failover(sentinel_topology: Sentin
     print(f"\nbroker failover: published {published_s:.2f} s after the kill, both consumed at {consumed_s:.2f} s")
     assert topology.wait_for_failover(old.port)[1] != old.port
     assert sorted(received) == ["after-kill", "before-kill"]
+
+
+def test_a_retried_money_critical_write_is_rewritten_so_wait_covers_it(sentinel_topology: SentinelTopology) -> None:
+    """The submit claim (or the request id) written by an earlier try: the retry writes nothing
+    new of its own, so its WAIT would answer for nothing. `JobStore.confirm` rewrites the field
+    on the WAIT's connection: with the replica frozen, it is refused, not acknowledged at once."""
+    from lipsync.jobstore import JobStore
+    from lipsync.replication import ReplicaAck
+
+    topology = sentinel_topology
+    store = JobStore(_client(topology), "acked", ack=ReplicaAck(1, 300, AckPolicy.REFUSE))
+    store.redis.hset(store.job_key("j1"), "submit_claimed_at", "1.5")
+    assert store.confirm("j1", ["submit_claimed_at"]) == 1  # replica live: acknowledged
+    assert store.confirm("j1", ["no_such_field"]) == 0  # a claim a failover lost: nothing to go on with
+    topology.replica.process.send_signal(signal.SIGSTOP)
+    try:
+        with pytest.raises(ReplicaAckTimeout):
+            store.confirm("j1", ["submit_claimed_at"])
+        single_host = JobStore(store.redis, "acked", ack=ReplicaAck(1, 300, AckPolicy.SINGLE_HOST))
+        assert single_host.confirm("j1", ["submit_claimed_at"]) == 1
+    finally:
+        topology.replica.process.send_signal(signal.SIGCONT)
+    assert store.redis.hget(store.job_key("j1"), "submit_claimed_at") == b"1.5"
