@@ -505,6 +505,23 @@ class JobStore:
         scores = [float(s) for s in pipe.execute() if s is not None]
         return min(scores) if scores else None
 
+    def reschedule_lost(self, count: int = 500) -> list[str]:
+        """Jobs not ended that are in neither schedule, put back in `schedule`, due now.
+
+        Every write keeps a job and its entry together, but a Redis failover can forget the
+        last writes: the promoted replica may hold a job whose entry a later write would have
+        made, or a job a producer was told was created. The dispatcher routes each to its step
+        (or to `waiting`, if it is at fal); one that ended meanwhile is dropped there."""
+        lost: list[str] = []
+        for status in _NOT_ENDED:
+            for raw in self.redis.sscan_iter(self.keys.status(status.value), count=count):
+                job_id = _text(raw)
+                if self.scheduled_at(job_id) is None:
+                    lost.append(job_id)
+        if lost:
+            self.redis.zadd(self.schedule_key, dict.fromkeys(lost, _now()), nx=True)
+        return lost
+
     def schedule_size(self) -> int:
         pipe = self.redis.pipeline(transaction=False)
         pipe.zcard(self.schedule_key)
