@@ -46,7 +46,9 @@ def submit(job: Job, ctx: Context, lease: Lease) -> Outcome:
         return None  # cancelled meanwhile: nothing to send
     if not admission.admitted:
         return Wait(max(0.05, admission.retry_after))
-    confirm_claim(job, ctx)
+    unconfirmed = confirm_claim(job, ctx)
+    if unconfirmed is not None:
+        return unconfirmed
     video, audio = job.inputs["video"], job.inputs["audio"]
     ttl = int(max(settings.presign_ttl_s, job.deadline_at - time.time() + 3600))
     arguments = job.request.model_dump(mode="json", exclude_none=True)
@@ -78,21 +80,24 @@ def submit(job: Job, ctx: Context, lease: Lease) -> Outcome:
     )
 
 
-def confirm_claim(job: Job, ctx: Context) -> None:
+def confirm_claim(job: Job, ctx: Context) -> Wait | None:
     """The claim must survive a Redis failover before the POST: acknowledged by the replicas
-    (`redis_min_replicas_ack`), or nothing is sent. A claim not acknowledged is taken back
-    (the runner's write of the retry gives the slot back), so that the retry is a fresh submit,
-    not mistaken for an interrupted POST."""
+    (`redis_min_replicas_ack`), or nothing is sent. A claim not acknowledged is taken back and
+    the job waits (the runner's write gives the slot back; a wait is not a retry, so an outage
+    of the replicas fails no job), so that the next try is a fresh submit, not mistaken for an
+    interrupted POST."""
     try:
         if ctx.store.confirm(job.id, [CLAIM_FIELD]):
-            return
+            return None
         problem = "its submit claim was lost in a Redis failover"
     except (ReplicaAckTimeout, redis.ConnectionError, redis.TimeoutError) as exc:
         problem = f"its submit claim is not known to be on a replica ({exc})"
         _CLAIM_RETRY.call_with_retry(lambda: ctx.store.note(job.id, delete=[CLAIM_FIELD]), lambda _: None)
-    raise RetryableError(f"job {job.id} was not sent to fal: {problem}; trying again")
+    log.warning("job %s: not sent to fal: %s; trying again in %.0f s", job.id, problem, _UNCONFIRMED_WAIT_S)
+    return Wait(_UNCONFIRMED_WAIT_S, event=f"not sent to fal: {problem}")
 
 
+_UNCONFIRMED_WAIT_S = 1.0
 # Taking the claim back rides out the failover that lost its acknowledgement (about 20 s).
 _CLAIM_RETRY = Retry(EqualJitterBackoff(cap=1.0, base=0.1), retries=30)
 
