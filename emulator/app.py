@@ -11,6 +11,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import hashlib
 import json
 import os
 import random
@@ -89,6 +90,26 @@ class Config:
                 raise ValueError(f"unknown setting {name!r}")
 
 
+def input_key(arguments: Any) -> str:
+    """The same input gives the same key, whatever the key order, whitespace or URL signature.
+
+    A URL's query string is left out: a resubmitted job carries the same objects under a
+    freshly presigned URL, and it is the same paid work.
+    """
+    canonical = json.dumps(_unsigned(arguments), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:32]
+
+
+def _unsigned(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _unsigned(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_unsigned(v) for v in value]
+    if isinstance(value, str) and value.startswith(("http://", "https://")):
+        return value.split("?", 1)[0].split("#", 1)[0]
+    return value
+
+
 def parse_latency(text: str) -> tuple[float, float]:
     low, _, high = text.partition("-")
     return (float(low), float(high or low))
@@ -125,6 +146,10 @@ class FalRequest:
     inject: set[str] = field(default_factory=set)
     task: asyncio.Task[None] | None = None
 
+    @property
+    def input_key(self) -> str:
+        return input_key(self.arguments)
+
     def urls(self) -> dict[str, str]:
         root = f"{self.base}/{self.app}/requests/{self.id}"
         return {"status_url": f"{root}/status", "response_url": root, "cancel_url": f"{root}/cancel"}
@@ -151,8 +176,34 @@ class Emulator:
         self.counters: dict[str, Any] = {
             "submits": 0, "created": 0, "status_polls": 0, "results": 0, "cancels": 0,
             "completed": 0, "failed": 0, "webhooks": 0, "webhook_attempts": 0,
-            "webhooks_ended": 0, "by_marker": {},
+            "webhooks_ended": 0, "by_marker": {}, "by_input": {},
         }  # fmt: skip
+        # Every request created since the reset, in order, and what became of those that
+        # retention has swept away: fal's bill does not forget a request when its result expires.
+        self.created_ids: list[str] = []
+        self.swept: dict[str, dict[str, Any]] = {}
+
+    def summary(self, found: FalRequest, swept: bool = False) -> dict[str, Any]:
+        return {
+            "id": found.id, "marker": found.marker, "input_key": found.input_key, "status": found.status,
+            "error_type": found.error_type, "cancel_requested": found.cancel_requested,
+            "inject": sorted(found.inject), "created": found.created, "started": found.started,
+            "finished": found.finished, "swept": swept,
+        }  # fmt: skip
+
+    def count_created(self, found: FalRequest) -> None:
+        """Count what fal would bill: every request created, by its input, whoever sent it.
+
+        `by_input` is keyed by a digest of the input JSON, so a second request for the same
+        job shows up even when the sender left out (or changed) our X-Lipsync-Job-Id header.
+        """
+        self.counters["created"] += 1
+        self.created_ids.append(found.id)
+        by_input = self.counters["by_input"]
+        by_input[found.input_key] = by_input.get(found.input_key, 0) + 1
+        if found.marker:
+            by_marker = self.counters["by_marker"]
+            by_marker[found.marker] = by_marker.get(found.marker, 0) + 1
 
     # lifecycle ---------------------------------------------------------------
     async def startup(self) -> None:
@@ -201,6 +252,7 @@ class Emulator:
                 if found.finished is None:
                     continue
                 if now - found.finished > self.keep_result_s(found):
+                    self.swept[request_id] = self.summary(found, swept=True)
                     self.requests.pop(request_id, None)
                 if now - found.finished > (found.cdn_ttl if found.cdn_ttl is not None else self.config.cdn_ttl):
                     shutil.rmtree(self.data_dir / request_id, ignore_errors=True)
@@ -488,14 +540,17 @@ def build_app(emulator: Emulator) -> Starlette:
             if emulator.faults.fire(name):
                 found.inject.add(name)
         emulator.requests[found.id] = found
-        emulator.counters["created"] += 1
-        if found.marker:
-            by_marker = emulator.counters["by_marker"]
-            by_marker[found.marker] = by_marker.get(found.marker, 0) + 1
+        emulator.count_created(found)
         position = emulator.enqueue(found)
         emulator.wakeup.set()
         if emulator.faults.fire("drop_submit"):
             return _DroppedAnswer()
+        if emulator.faults.fire("runner_5xx_created"):
+            # Real fal can create the request and still answer 5xx; its id is in the header.
+            return _fal_json(
+                {"detail": "Runner unavailable"}, 503, request_id=found.id,
+                headers={"X-Fal-Error-Type": "runner_unavailable"},
+            )  # fmt: skip
         # fal's submit answer: the request's status and its gateway_request_id (the same id unless
         # fal retried the request on another runner) next to the URLs.
         body = {
@@ -630,6 +685,8 @@ def build_app(emulator: Emulator) -> Starlette:
         state = {k: v for k, v in vars(found).items() if k not in ("task",)}
         state["inject"] = sorted(found.inject)
         state["keep_result_s"] = emulator.keep_result_s(found)
+        state["input_key"] = found.input_key
+        state["created_for_input"] = emulator.counters["by_input"].get(found.input_key, 0)
         return JSONResponse(state)
 
     async def listing(request: Request) -> Response:
@@ -671,6 +728,17 @@ def build_app(emulator: Emulator) -> Starlette:
         emulator.wakeup.set()
         return JSONResponse(emulator.waiting.counters())
 
+    async def admin_requests(request: Request) -> Response:
+        """Every request created since the last reset, as fal's bill would list them."""
+        listed = []
+        for request_id in emulator.created_ids:
+            found = emulator.requests.get(request_id)
+            if found is not None:
+                listed.append(emulator.summary(found))
+            elif request_id in emulator.swept:
+                listed.append(emulator.swept[request_id])
+        return JSONResponse({"requests": listed})
+
     async def jwks(request: Request) -> Response:
         return JSONResponse(emulator.signer.jwks())
 
@@ -679,6 +747,7 @@ def build_app(emulator: Emulator) -> Starlette:
         Route("/_admin/faults", faults, methods=["POST", "DELETE"]),
         Route("/_admin/config", configure, methods=["POST"]),
         Route("/_admin/reset", reset, methods=["POST"]),
+        Route("/_admin/requests", admin_requests),
         Route("/_admin/requests/{request_id}", inspect),
         Route("/_admin/account/{action}", account, methods=["POST"]),
         Route("/v1/models/requests/by-endpoint", listing),

@@ -90,6 +90,17 @@ class EmulatorProcess:
         answer: dict[str, Any] = response.json()
         return answer
 
+    def requests(self) -> list[dict[str, Any]]:
+        """Every fal request created since the last reset: id, marker, input_key, status."""
+        response = self._admin.get("/_admin/requests")
+        response.raise_for_status()
+        answer: list[dict[str, Any]] = response.json()["requests"]
+        return answer
+
+    def created_since(self, before: dict[str, Any]) -> int:
+        """Requests created since `before` (a `counters()` snapshot): this test's own, not the session's."""
+        return int(self.counters()["created"]) - int(before["created"])
+
     def inspect(self, request_id: str) -> dict[str, Any]:
         response = self._admin.get(f"/_admin/requests/{request_id}")
         response.raise_for_status()
@@ -107,7 +118,25 @@ class EmulatorProcess:
 def start_emulator(
     *args: str, tls: bool = False, port: int | None = None, log: IO[bytes] | None = None
 ) -> EmulatorProcess:
-    """Start `python -m emulator` on a free port and wait until it answers."""
+    """Start `python -m emulator` on a free port and wait until it answers.
+
+    A free port is closed again before the child binds it, so another process may take it
+    first: then (port not given) it starts again on another one, up to three times.
+    """
+    for attempt in range(1, 4):
+        try:
+            return _start_emulator(args, tls=tls, port=port, log=log)
+        except _PortTaken:
+            if port is not None or attempt == 3:
+                raise
+    raise AssertionError("unreachable")
+
+
+class _PortTaken(RuntimeError):
+    pass
+
+
+def _start_emulator(args: tuple[str, ...], *, tls: bool, port: int | None, log: IO[bytes] | None) -> EmulatorProcess:
     port = port or free_port()
     data_dir = Path(tempfile.mkdtemp(prefix="fal-emulator-"))
     command = [
@@ -119,15 +148,23 @@ def start_emulator(
     process = subprocess.Popen(
         command, stdout=log or subprocess.DEVNULL, stderr=subprocess.STDOUT if log else subprocess.DEVNULL
     )
-    wait_for_port(port, timeout=30, process=process)
+    try:
+        wait_for_port(port, timeout=30, process=process)
+    except RuntimeError as exc:  # it exited before listening: most likely the port was taken
+        shutil.rmtree(data_dir, ignore_errors=True)
+        raise _PortTaken(str(exc)) from None
     server = EmulatorProcess(process, port, data_dir, tls)
     deadline = time.monotonic() + 30
     while True:
         try:
             server.counters()
-            return server
         except httpx.HTTPError:
             if time.monotonic() > deadline:
                 server.stop()
                 raise
             time.sleep(0.1)
+            continue
+        if process.poll() is not None:  # someone else answered on the port; ours is gone
+            server.stop()
+            raise _PortTaken(f"port {port} answers, but not from the emulator started on it")
+        return server

@@ -174,7 +174,8 @@ def advance(job: Job, outcome: Advance, ctx: Context, owner: str, from_: frozens
     if outcome.settled:
 
         def failed(exc: Exception) -> None:
-            log.warning("job %s: saving %s failed (%s); trying again", job.id, outcome.to.value, exc)
+            # The event names what is at stake (e.g. fal's request id): an operator can find it.
+            log.warning("job %s: saving %r failed (%s); trying again", job.id, outcome.event or outcome.to.value, exc)
 
         moved = _SETTLED_RETRY.call_with_retry(lambda: write(f"?{owner}"), failed)
     else:

@@ -13,6 +13,7 @@ without it, and a redelivered submit would then POST again: a second paid reques
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -20,7 +21,7 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,7 @@ from producers.devstack import (
 from tests.chaos.proxy import TcpProxy
 from tests.conftest import Workers
 from tests.fixtures.isolated import aws_env, kill_group, settings_from
+from tests.fixtures.services import ATTEMPTS, listens_on
 
 FAKE_FAL_KEY = "fake-fal-key-CHAOS-7c1e55d2a9"
 FAKE_AWS_KEY_ID = "AKIACHAOSFAKE7EXAMPLE"
@@ -58,6 +60,19 @@ def spawn_durable_redis(port: int, workdir: Path) -> subprocess.Popen[bytes]:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+
+
+def on_a_port_of_its_own(spawn: Callable[[int], subprocess.Popen[bytes]]) -> tuple[int, subprocess.Popen[bytes]]:
+    """Spawn on a free port; again on another if the port was taken before the child bound it."""
+    for _ in range(ATTEMPTS):
+        port = free_port()
+        process = spawn(port)
+        with contextlib.suppress(RuntimeError):
+            wait_for_port(port, timeout=30, process=process)
+            if listens_on(process.pid, port):
+                return port, process
+        stop_process(process)
+    raise RuntimeError(f"no port of its own after {ATTEMPTS} tries")
 
 
 @dataclass
@@ -120,15 +135,13 @@ class ChaosStack:
 
 @pytest.fixture(scope="package")
 def chaos_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ChaosStack]:
-    from emulator.control import start_emulator
+    from tests.fixtures.emulator import start_emulator
 
     logdir = tmp_path_factory.mktemp("chaos-logs")
     redis_dir = Path(tempfile.mkdtemp(prefix="lipsync-chaos-redis-"))
-    redis_port = free_port()
-    redis_process = spawn_durable_redis(redis_port, redis_dir)
-    wait_for_port(redis_port, process=redis_process)
-    moto_port, proxy_port = free_port(), free_port()
-    moto_process = spawn_moto(moto_port)
+    redis_port, redis_process = on_a_port_of_its_own(lambda port: spawn_durable_redis(port, redis_dir))
+    moto_port, moto_process = on_a_port_of_its_own(spawn_moto)
+    proxy_port = free_port()
     proxy = TcpProxy(moto_port, proxy_port)
     proxy.start()
     emulator = start_emulator(

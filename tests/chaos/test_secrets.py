@@ -1,8 +1,12 @@
 """Secrets stay secret: a batch with a recognisable fake FAL_KEY and fake S3 credentials, then a
 search for them (and for presigned URL signatures) in everything an operator or attacker
 could read: worker and Flower logs, every key in Redis (job records, the schedule, and the
-broker's own: queued kombu messages with their base64 bodies decoded, unacked, bindings),
+broker's own: queued kombu messages, headers and base64 bodies decoded, unacked, bindings),
 and Flower's API, which must itself refuse anyone without the password.
+
+Broker messages are read while they sit in their queue: first the producer's (no worker
+running), then the workers' own (the transfer worker running, the api worker not yet). A
+scan after the queues drain would find nothing to read, and prove nothing.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import redis
 
 from producers.devstack import free_port, spawn_flower, stop_process, wait_for_port
 from tests.chaos.conftest import SECRETS, ChaosStack
-from tests.chaos.harness import Progress, submit_batch
+from tests.chaos.harness import Progress, queued_messages, submit_batch
 
 pytestmark = pytest.mark.slow
 
@@ -74,6 +78,20 @@ def decoded(value: Any) -> str:
     return "\n".join(found)
 
 
+def scan_queued(url: str, job_ids: list[str], where: str, task: str | None = None) -> tuple[int, list[str]]:
+    """Decode every queued message; return how many named one of `job_ids` (and ran `task`), and the leaks."""
+    messages = queued_messages(url)
+    ours = 0
+    problems: list[str] = []
+    for envelope in messages:
+        body = base64.b64decode(envelope["body"]).decode(errors="replace")
+        if any(job_id in body for job_id in job_ids) and task in (None, envelope["headers"].get("task")):
+            ours += 1
+        # The whole envelope: headers (task name, argsrepr, kwargs, any extra header) and properties too.
+        problems += leaks(json.dumps(envelope) + "\n" + body, where)
+    return ours, problems
+
+
 def _bodies(document: Any) -> Iterator[str]:
     if isinstance(document, dict):
         if isinstance(document.get("body"), str):
@@ -109,18 +127,35 @@ def test_no_secret_in_logs_redis_broker_or_flower(
     from producers.api import LipsyncClient
 
     stack = chaos_stack
+    redis_url = stack.env["LIPSYNC_REDIS_URL"]
     stack.emulator.reset()
     stack.emulator.configure(latency="0.5-1", retention_large=360)
-    stack.start_workers()
+    stack.kill_workers()  # the producer's messages wait in the queue, to be read there
     # Error paths too: a lost submit answer, a model error, a rate limit, broken media.
     stack.emulator.set_faults(drop_submit="once", model_error="once", rate_limit="once:2", runner_5xx="once")
     client = LipsyncClient(stack.settings())
+    problems: list[str] = []
     try:
         submitted = submit_batch(client, small_media, 20, "secrets")
         broken = tmp_path / "broken.mp4"
         broken.write_bytes(b"not a video" * 100)
         bad = client.submit(str(broken), small_media["audio_long"][0])
-        with Progress(client.settings.redis_url, client.settings.key_prefix, [*submitted.job_ids, bad.id]) as progress:
+        job_ids = [*submitted.job_ids, bad.id]
+        produced, found = scan_queued(redis_url, job_ids, "a producer's queued message")
+        assert produced >= len(job_ids), f"only {produced} of {len(job_ids)} producer messages were read in the queue"
+        problems += found
+        # The workers' own messages: stage runs, its submits wait for an api worker not started yet.
+        stack.start_worker("transfer")
+        stack.wait_workers_ready()
+        deadline = time.monotonic() + 120
+        sent_by_workers = 0
+        while time.monotonic() < deadline and sent_by_workers == 0:
+            sent_by_workers, found = scan_queued(redis_url, job_ids, "a worker's queued message", "lipsync.submit")
+            time.sleep(0.2)
+        assert sent_by_workers > 0, "no worker-sent message was read in the queue"
+        problems += found
+        stack.start_workers()
+        with Progress(client.settings.redis_url, client.settings.key_prefix, job_ids) as progress:
             assert progress.wait_all(120)
         jobs = client.store.get_many([*submitted.job_ids, bad.id])
         assert any(job.error for job in jobs) and any(job.output for job in jobs)
@@ -133,14 +168,16 @@ def test_no_secret_in_logs_redis_broker_or_flower(
     assert leaks(decoded(hidden), "self-check")
     anonymous = httpx.get(f"{flower}/api/workers", timeout=30)
     assert anonymous.status_code == 401, "Flower must not answer without its password"
-    problems: list[str] = []
     with httpx.Client(base_url=flower, auth=("ops", FLOWER_PASSWORD), timeout=60) as api:
         deadline = time.monotonic() + 30
         tasks: dict[str, Any] = {}
-        while time.monotonic() < deadline and not tasks:
+        # Flower sees a task once its event has come in: every task of the batch, for the scan to mean anything.
+        seen: set[str] = set()
+        while time.monotonic() < deadline and not set(job_ids) <= seen:
             tasks = api.get("/api/tasks").json()
-            time.sleep(1)
-        assert tasks, "Flower saw no tasks: the scan would prove nothing"
+            seen = {job_id for task in tasks.values() for job_id in job_ids if job_id in json.dumps(task)}
+            time.sleep(0.5)
+        assert set(job_ids) <= seen, f"Flower saw tasks of {len(seen)} of {len(job_ids)} jobs: the scan proves little"
         pages = {
             "/api/workers?refresh=1": api.get("/api/workers", params={"refresh": 1}).text,
             "/api/tasks": json.dumps(tasks),
@@ -148,8 +185,12 @@ def test_no_secret_in_logs_redis_broker_or_flower(
             "/dashboard?json=1": api.get("/dashboard", params={"json": 1}).text,
             "/metrics": api.get("/metrics").text,
         }
-        for task_id in list(tasks)[:50]:
+        for task_id in list(tasks)[:200]:
             pages[f"/api/task/info/{task_id}"] = api.get(f"/api/task/info/{task_id}").text
+        for task_id in list(tasks)[:20]:  # the HTML page an operator opens: args, kwargs, result, traceback
+            page = api.get(f"/task/{task_id}")
+            assert page.status_code == 200, (task_id, page.status_code)
+            pages[f"/task/{task_id}"] = page.text
     for path, text in pages.items():
         problems += leaks(text, f"Flower {path}")
     for log in sorted(stack.logdir.glob("*.log")):

@@ -21,7 +21,7 @@ import pytest
 from lipsync.models import JobStatus, SyncMode, output_duration
 from producers.devstack import free_port
 from tests.chaos.conftest import ChaosStack
-from tests.chaos.harness import Progress, Submitted, verify
+from tests.chaos.harness import Progress, Submitted, queued_job_ids, verify
 from tests.fixtures.isolated import kill_group
 
 pytestmark = pytest.mark.slow
@@ -109,6 +109,10 @@ def test_sigterm_lets_in_flight_transfers_finish_and_hands_the_rest_back(
                 assert job.status not in (JobStatus.queued, JobStatus.staging, JobStatus.failed), job
                 assert job.attempts.get("stage") == 1, job.attempts
             left = [i for i, s in client.store.statuses(submitted.job_ids).items() if s is JobStatus.queued]
+            # Everything not started was handed back: queued, its message in the queue again.
+            assert len(left) == len(jobs) - len(in_flight), (len(left), len(in_flight))
+            waiting = queued_job_ids(stack.env["LIPSYNC_REDIS_URL"], "lipsync.stage")
+            assert set(left) <= waiting, f"{len(set(left) - waiting)} jobs were not handed back to the queue"
             stack.start_workers()
             restarted_at = time.time()
             assert progress.wait_all(120)
@@ -117,7 +121,7 @@ def test_sigterm_lets_in_flight_transfers_finish_and_hands_the_rest_back(
             stack.emulator,
             submitted,
             scenario="SIGTERM transfer worker",
-            allowed_failures=set(),
+            explained={},
             tmp_path=tmp_path,
             extra={
                 "disruptions": 1,
@@ -187,7 +191,7 @@ def test_worker_killed_mid_upload_never_reports_a_half_written_output(
             stack.emulator,
             submitted,
             scenario="kill -9 mid-upload",
-            allowed_failures=set(),
+            explained={},
             tmp_path=tmp_path,
             extra={
                 "disruptions": 1,

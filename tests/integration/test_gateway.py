@@ -278,20 +278,21 @@ def test_spec_health_and_readiness_are_served(gateway: GatewayStack) -> None:
 # webhooks in ---------------------------------------------------------------------------------------
 def test_job_finishes_by_fal_webhook_long_before_the_first_poll(gateway: GatewayStack, emulator: Any) -> None:
     started = time.monotonic()
+    before = emulator.counters()
     job = submit(gateway, sync_mode="loop", audio_url=gateway.sources["audio_5s"], metadata={"clip": "c-1"})
     done = gateway.wait_for(job["id"], timeout=POLL_FIRST_S)
     elapsed = time.monotonic() - started
     assert done["status"] == "completed", done
-    assert elapsed < POLL_FIRST_S / 2, f"took {elapsed:.1f}s: not by webhook"
     events = gateway.events(job["id"])
     assert "fal completed (by webhook); storing the output" in events, events
     assert "poll" not in done["attempts"] and done["attempts"]["webhook"] == 1
     assert abs(done["output"]["duration"] - 5.0) < 0.05 and done["output"]["presigned_url"].startswith("http")
     assert done["metadata"] == {"clip": "c-1"}
-    assert emulator.counters()["by_marker"][job["id"]] == 1
+    assert emulator.created_since(before) == 1
     fal_finished = emulator.inspect(done["fal_request_id"])["finished"]
     moved_on = done["timestamps"]["storing"] - fal_finished
-    assert moved_on < 2.0, f"the job moved on {moved_on:.2f}s after fal finished"
+    # Before the first poll was due: the webhook moved it, however slow this machine is today.
+    assert done["timestamps"]["storing"] < done["timestamps"]["submitted"] + POLL_FIRST_S, done["timestamps"]
     print(
         f"\nwebhook: completed in {elapsed:.2f}s, moved on {moved_on * 1000:.0f} ms after fal finished; "
         f"the first poll was due at {POLL_FIRST_S:.0f}s"
@@ -362,7 +363,9 @@ def test_forged_replayed_stale_and_malformed_webhooks_are_refused_and_a_duplicat
         "other_request": (_fal_body("req-x"), gateway.fal_keys.sign("req-x", _fal_body("req-x")), hook),
         "other_job": (
             body,
-            gateway.fal_keys.sign(request_id, body, timestamp=now - 1),  # not a replay: signed anew
+            # Not a replay: signed anew, one second before the genuine signature whatever the
+            # clock did since (`now - 1` equals the genuine timestamp when a second ticks between).
+            gateway.fal_keys.sign(request_id, body, timestamp=int(genuine["x-fal-webhook-timestamp"]) - 1),
             f"{gateway.url}/v1/fal/webhook/{other['id']}",
         ),
     }
@@ -387,6 +390,34 @@ def test_forged_replayed_stale_and_malformed_webhooks_are_refused_and_a_duplicat
     assert gateway.store.redis.hgetall(gateway.store.job_key(job["id"])) == record_before
     assert gateway.store.events(job["id"]) == events_before
     assert gateway.store.get(other["id"]).status.value == "completed"
+
+
+def test_webhook_arriving_while_the_submit_is_still_being_recorded_asks_fal_to_deliver_again(
+    gateway: GatewayStack, emulator: Any
+) -> None:
+    """fal may answer by webhook before our submit has saved the request id: 409 not_ready, then it completes."""
+    emulator.configure(hang_seconds=3)
+    before = emulator.counters()
+    hangs_before = before["faults_injected"].get("hang", 0)
+    emulator.set_faults(hang="once")
+    try:
+        job = submit(gateway)
+        deadline = time.monotonic() + 60  # the submit POST is in flight once fal hangs on it
+        while emulator.counters()["faults_injected"].get("hang", 0) == hangs_before:
+            assert time.monotonic() < deadline, "the submit never reached fal"
+            time.sleep(0.05)
+        assert gateway.store.get(job["id"]).status.value == "submitting"
+        body = _fal_body("req-early")
+        early = httpx.post(
+            f"{gateway.url}/v1/fal/webhook/{job['id']}", content=body, headers=gateway.fal_keys.sign("req-early", body)
+        )
+        assert early.status_code == 409 and early.json()["code"] == "not_ready", early.text
+        done = gateway.wait_for(job["id"], timeout=POLL_FIRST_S * 2)
+    finally:
+        emulator.clear_faults()
+        emulator.configure(hang_seconds=60)
+    assert done["status"] == "completed", done
+    assert emulator.created_since(before) == 1
 
 
 def test_fal_error_reported_by_webhook_fails_the_job_in_fals_words(gateway: GatewayStack, emulator: Any) -> None:
@@ -466,11 +497,15 @@ def test_callback_is_signed_retried_and_verified_by_the_platform_with_the_docume
     assert gateway.store.redis.zscore(gateway.store.callbacks_key, job["id"]) is None
 
 
-def test_cancelled_job_is_called_back_too(gateway: GatewayStack) -> None:
-    job = submit(gateway, callback_url=gateway.receiver.url)
-    response = gateway.acme.http.post(f"/v1/jobs/{job['id']}/cancel")
-    if response.status_code == 409:  # it finished first: its callback says completed
-        pytest.skip("the job ended before it could be cancelled")
+def test_cancelled_job_is_called_back_too(gateway: GatewayStack, emulator: Any) -> None:
+    # fal takes a minute: the job cannot end before the cancel, so the test never skips.
+    emulator.configure(latency="60")
+    try:
+        job = submit(gateway, callback_url=gateway.receiver.url)
+        response = gateway.acme.http.post(f"/v1/jobs/{job['id']}/cancel")
+    finally:
+        emulator.configure(latency="0.3")
+    assert response.status_code == 200, response.text
     assert response.json()["status"] == "cancelled"
     deadline = time.monotonic() + 15
     while not gateway.receiver.for_job(job["id"]) and time.monotonic() < deadline:
@@ -508,7 +543,11 @@ def test_tenant_cannot_read_cancel_retry_or_list_another_tenants_jobs(gateway: G
     assert theirs["id"] != mine["id"] and theirs["idempotency_key"] == "shared-key"
     # Nothing the intruder did changed the job; its owner can still retry it.
     assert gateway.store.get(mine["id"]).attempts.get("retries") is None
-    assert gateway.acme.http.post(f"/v1/jobs/{mine['id']}/retry").json()["status"] == "queued"
+    # Accepted and counted once (its status right after may already be staging or failed again:
+    # a worker is free to pick it up at once, so the status itself is not the proof).
+    retried = gateway.acme.http.post(f"/v1/jobs/{mine['id']}/retry")
+    assert retried.status_code == 200, retried.text
+    assert gateway.store.get(mine["id"]).attempts.get("retries") == 1
 
 
 def test_batch_counts_and_cursor_pages_cover_every_job_once(gateway: GatewayStack) -> None:
@@ -617,11 +656,16 @@ def test_revoked_key_stops_working_and_a_rotated_one_starts(gateway: GatewayStac
 def test_rate_limit_per_key_answers_429_with_retry_after(gateway: GatewayStack) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
-    time.sleep(1 - time.time() % 1)  # a fresh one-second window
+    sent = 240
+    started = time.time()
     with ThreadPoolExecutor(16) as pool:
-        answers = list(pool.map(lambda _: gateway.globex.http.get("/v1/jobs", params={"limit": 1}), range(120)))
+        answers = list(pool.map(lambda _: gateway.globex.http.get("/v1/jobs", params={"limit": 1}), range(sent)))
+    # 40 a second: however slow the machine, no more than 40 per one-second window the burst touched.
+    windows = int(time.time()) - int(started) + 1
     statuses = [a.status_code for a in answers]
-    assert set(statuses) == {200, 429} and statuses.count(200) <= 80  # 40 a second, two windows at most
+    assert set(statuses) <= {200, 429} and statuses.count(200) <= 40 * windows, (windows, statuses.count(200))
+    if 40 * windows < sent:
+        assert 429 in statuses
     assert all(int(a.headers["retry-after"]) >= 1 for a in answers if a.status_code == 429)
     assert httpx.get(f"{gateway.url}/healthz").status_code == 200  # needs no key, counts against none
     assert gateway.acme.http.get("/v1/jobs", params={"limit": 1}).status_code == 200  # another key, its own budget

@@ -4,6 +4,7 @@ logs carry the ids, and `lipsync dev up`/`down` leaves nothing running behind.""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import secrets
 import time
@@ -31,14 +32,51 @@ def flower(stack_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) 
     process = spawn_flower(port, stack_env, auth, log=log)
     try:
         wait_for_port(port, timeout=60, process=process)
-        time.sleep(1.0)  # its event consumer connects just after the port opens
+        # Its event consumer connects after the port opens: it is connected once it has heard
+        # the workers' heartbeats (the list without refresh comes from events alone).
+        user, password = auth.split(":", 1)
+        deadline = time.monotonic() + 60
+        known: set[str] = set()
+        while time.monotonic() < deadline:
+            with contextlib.suppress(httpx.HTTPError, ValueError):
+                answer = httpx.get(f"http://127.0.0.1:{port}/api/workers", auth=(user, password), timeout=10)
+                known = set(answer.json()) if answer.status_code == 200 else set()
+            if any(n.startswith("transfer-") for n in known) and any(n.startswith("api-") for n in known):
+                break
+            time.sleep(0.2)
+        else:
+            raise TimeoutError(f"Flower heard no worker's events within 60 s (knows {sorted(known)})")
         yield f"http://127.0.0.1:{port}", auth
     finally:
         stop_process(process)
 
 
+Totals = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
 @pytest.fixture(scope="module")
-def batch(flower: tuple[str, str], client: Any, media: dict[str, str]) -> list[Job]:
+def metrics_before(flower: tuple[str, str], workers: Any) -> tuple[Totals, Totals]:
+    """The workers' metrics just before the batch: the test checks what the batch itself added."""
+    return scrape_workers(workers)
+
+
+@pytest.fixture(scope="module")
+def stats_before(flower: tuple[str, str], stack_env: dict[str, str]) -> dict[str, Any]:
+    """`lipsync stats` just before the batch, for the same reason."""
+    result = lipsync(stack_env, "stats", "--minutes", "30", "--json")
+    assert result.returncode == 0, result.stderr
+    answer: dict[str, Any] = json.loads(result.stdout)
+    return answer
+
+
+@pytest.fixture(scope="module")
+def batch(
+    flower: tuple[str, str],
+    metrics_before: tuple[Totals, Totals],
+    stats_before: dict[str, Any],
+    client: Any,
+    media: dict[str, str],
+) -> list[Job]:
     """One job that completes and one whose 'video' is audio only, so it fails in staging."""
     jobs = [
         client.submit(media["video_3s"], media["audio_5s"], sync_mode="cut_off"),
@@ -59,34 +97,60 @@ def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     }
 
 
-def test_worker_metrics_endpoints_report_the_batch(batch: list[Job], workers: Any) -> None:
-    completed, failed = batch
-    totals: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
-    gauges: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+def scrape_workers(workers: Any) -> tuple[Totals, Totals]:
+    """(counters summed over the worker processes, gauges read from the job store)."""
+    totals: Totals = {}
+    gauges: Totals = {}
     for process in workers.processes.values():
         for key, value in scrape(metrics_port(process)).items():
             if key[0].startswith(("lipsync_jobs", "lipsync_schedule")):
                 gauges[key] = value  # read from the job store: the same on every worker
             else:
                 totals[key] = totals.get(key, 0.0) + value
+    return totals, gauges
 
-    def total(name: str, **labels: str) -> float:
-        return totals.get((name, tuple(sorted(labels.items()))), 0.0)
 
-    assert total("lipsync_job_transitions_total", status="completed") >= 1
-    assert total("lipsync_job_transitions_total", status="failed") >= 1
-    assert total("lipsync_job_failures_total", code="invalid_input", stage="stage") >= 1
-    assert total("lipsync_status_seconds_count", status="staging") >= 2
-    assert total("lipsync_status_seconds_count", status="storing") >= 1
-    assert total("lipsync_fal_queue_wait_seconds_count") >= 1
-    assert total("lipsync_fal_inference_seconds_count") >= 1
-    assert total("lipsync_job_seconds_count", status="completed") >= 1
-    assert total("lipsync_estimated_spend_usd_total") >= (completed.cost_estimate_usd or 0) > 0
-    assert total("lipsync_output_seconds_total") >= 3.0 - 0.05
-    assert total("lipsync_bytes_total", direction="in") >= sum(media.size for media in completed.inputs.values())
-    assert total("lipsync_bytes_total", direction="out") >= (completed.output.file_size if completed.output else 1)
-    assert gauges[("lipsync_jobs", (("status", "completed"),))] >= 1
-    assert gauges[("lipsync_jobs", (("status", "failed"),))] >= 1
+def test_worker_metrics_endpoints_report_the_batch(
+    batch: list[Job], workers: Any, metrics_before: tuple[Totals, Totals]
+) -> None:
+    """What this batch of two added, exactly: not cumulative totals that any earlier test could satisfy."""
+    completed, failed = batch
+    before, gauges_before = metrics_before
+
+    def added(now: Totals, name: str, **labels: str) -> float:
+        key = (name, tuple(sorted(labels.items())))
+        return now.get(key, 0.0) - before.get(key, 0.0)
+
+    def gauge(gauges: Totals, status: str) -> float:
+        return gauges.get(("lipsync_jobs", (("status", status),)), 0.0)
+
+    expected = {
+        ("lipsync_job_transitions_total", "status", "completed"): 1,
+        ("lipsync_job_transitions_total", "status", "failed"): 1,
+        ("lipsync_status_seconds_count", "status", "storing"): 1,
+        ("lipsync_job_seconds_count", "status", "completed"): 1,
+        ("lipsync_fal_queue_wait_seconds_count", "", ""): 1,
+        ("lipsync_fal_inference_seconds_count", "", ""): 1,
+    }
+    # Metrics are written around the transitions the batch waited for: read until they settle.
+    deadline = time.monotonic() + 15
+    while True:
+        totals, gauges = scrape_workers(workers)
+        found = {key: added(totals, key[0], **({key[1]: key[2]} if key[1] else {})) for key in expected}
+        if found == expected or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert found == expected
+    assert added(totals, "lipsync_job_failures_total", code="invalid_input", stage="stage") == 1
+    assert added(totals, "lipsync_status_seconds_count", status="staging") == 2
+    assert added(totals, "lipsync_estimated_spend_usd_total") == pytest.approx(completed.cost_estimate_usd or 0)
+    assert (completed.cost_estimate_usd or 0) > 0
+    assert added(totals, "lipsync_output_seconds_total") == pytest.approx(3.0, abs=0.05)
+    assert added(totals, "lipsync_bytes_total", direction="in") >= sum(m.size for m in completed.inputs.values())
+    assert completed.output is not None
+    assert added(totals, "lipsync_bytes_total", direction="out") >= completed.output.file_size
+    assert gauge(gauges, "completed") - gauge(gauges_before, "completed") == 1
+    assert gauge(gauges, "failed") - gauge(gauges_before, "failed") == 1
     assert ("lipsync_jobs_at_fal", ()) in gauges
 
 
@@ -128,14 +192,19 @@ def test_flower_api_lists_the_tasks_and_workers_only_with_its_password(
     assert "flower_task_runtime_seconds_bucket" in metrics.text
 
 
-def test_stats_prints_throughput_latency_failures_and_spend(stack_env: dict[str, str], batch: list[Job]) -> None:
+def test_stats_prints_throughput_latency_failures_and_spend(
+    stack_env: dict[str, str], batch: list[Job], stats_before: dict[str, Any]
+) -> None:
     result = lipsync(stack_env, "stats", "--minutes", "30", "--json")
     assert result.returncode == 0, result.stderr
     stats = json.loads(result.stdout)
-    assert stats["completed"] >= 1 and stats["failed"] >= 1
+    # This batch's own: one completed, one failed (the window is 30 minutes, the batch seconds).
+    assert stats["completed"] - stats_before["completed"] == 1
+    assert stats["failed"] - stats_before["failed"] == 1
     assert stats["completed_per_minute"] > 0 and stats["spend_usd"] > 0
     end_to_end = stats["latency"]["end to end"]
-    assert end_to_end["count"] >= 1 and 0 < end_to_end["percentiles"]["p50"] <= end_to_end["max"]
+    counted_before = stats_before.get("latency", {}).get("end to end", {}).get("count", 0)
+    assert end_to_end["count"] > counted_before and 0 < end_to_end["percentiles"]["p50"] <= end_to_end["max"]
     assert "at fal" in stats["latency"] and "staging" in stats["latency"]
     assert any(failure["code"] == "invalid_input" for failure in stats["failures"])
     shown = lipsync(stack_env, "stats", "--minutes", "30")

@@ -95,6 +95,7 @@ def test_two_hundred_jobs_at_once_all_complete_with_one_fal_request_each(
     client: Any, media: dict[str, str], emulator: Any
 ) -> None:
     emulator.configure(media_mode="copy", concurrency=50)
+    before = emulator.counters()
     try:
         jobs = [client.submit(media["video_3s"], media["audio_3s"]) for _ in range(200)]
         done = client.wait([job.id for job in jobs], timeout_s=400)
@@ -102,6 +103,9 @@ def test_two_hundred_jobs_at_once_all_complete_with_one_fal_request_each(
         emulator.configure(media_mode="encode", concurrency=8)
     statuses = {job.status for job in done}
     assert statuses == {JobStatus.completed}, [j.error for j in done if j.error][:3]
+    # Counted by what fal created, not by our header: exactly one request per job.
+    assert emulator.created_since(before) == len(jobs)
+    assert len({job.fal.request_id for job in done}) == len(jobs)
     by_marker = emulator.counters()["by_marker"]
     assert all(by_marker.get(job.id) == 1 for job in done)
     for job in done:
@@ -113,11 +117,13 @@ def test_two_hundred_jobs_at_once_all_complete_with_one_fal_request_each(
 def test_same_idempotency_key_returns_the_same_job_and_fal_sees_it_once(
     client: Any, media: dict[str, str], emulator: Any
 ) -> None:
+    before = emulator.counters()
     first = client.submit(media["video_3s"], media["audio_3s"], idempotency_key="trailer-42-de")
     second = client.submit(media["video_3s"], media["audio_3s"], idempotency_key="trailer-42-de")
     assert second.id == first.id
     (job,) = client.wait([first.id], timeout_s=120)
     assert job.status is JobStatus.completed
+    assert emulator.created_since(before) == 1
     assert emulator.counters()["by_marker"][first.id] == 1
     with pytest.raises(IdempotencyConflict, match="different request"):
         client.submit(media["video_5s"], media["audio_3s"], idempotency_key="trailer-42-de")
@@ -128,6 +134,7 @@ def test_bad_media_fails_in_words_and_other_jobs_complete(
 ) -> None:
     fake = tmp_path / "holiday.mp4"
     fake.write_text("this is not a video, just text with a video's name\n" * 20)
+    before = emulator.counters()
     bad = client.submit(str(fake), media["audio_3s"])
     audio_as_video = client.submit(media["audio_3s"], media["audio_3s"])
     good = client.submit(media["video_3s"], media["audio_3s"])
@@ -138,8 +145,9 @@ def test_bad_media_fails_in_words_and_other_jobs_complete(
     assert audio_as_video.status is JobStatus.failed
     assert "no video stream" in audio_as_video.error.message
     # Refused before any money was spent: fal never saw them.
+    assert emulator.created_since(before) == 1  # the good one's
     assert bad.id not in emulator.counters()["by_marker"]
-    assert bad.fal is None
+    assert bad.fal is None and audio_as_video.fal is None
 
 
 def test_invalid_options_are_refused_before_a_job_exists(client: Any, media: dict[str, str]) -> None:
@@ -157,6 +165,7 @@ def test_rate_limited_and_ingress_errors_are_retried_and_paid_once(
     client: Any, media: dict[str, str], emulator: Any
 ) -> None:
     emulator.set_faults(rate_limit="once:3", ingress_5xx="once:3")
+    before = emulator.counters()
     try:
         jobs = [client.submit(media["video_3s"], media["audio_3s"]) for _ in range(4)]
         done = client.wait([job.id for job in jobs], timeout_s=120)
@@ -164,6 +173,8 @@ def test_rate_limited_and_ingress_errors_are_retried_and_paid_once(
         emulator.clear_faults()
     assert {job.status for job in done} == {JobStatus.completed}
     counters = emulator.counters()
+    assert counters["faults_injected"].get("rate_limit", 0) - before["faults_injected"].get("rate_limit", 0) == 3
+    assert emulator.created_since(before) == len(jobs)
     assert all(counters["by_marker"][job.id] == 1 for job in done)
 
 
@@ -171,6 +182,7 @@ def test_lost_submit_answer_fails_the_job_without_a_second_request(
     client: Any, media: dict[str, str], emulator: Any
 ) -> None:
     emulator.set_faults(drop_submit="once")
+    before = emulator.counters()
     try:
         job = client.submit(media["video_3s"], media["audio_3s"])
         (job,) = client.wait([job.id], timeout_s=120)
@@ -179,6 +191,7 @@ def test_lost_submit_answer_fails_the_job_without_a_second_request(
     assert job.status is JobStatus.failed
     assert job.error.code == "submit_outcome_unknown"
     assert "paying twice" in job.error.message
+    assert emulator.created_since(before) == 1
     assert emulator.counters()["by_marker"][job.id] == 1
 
 
@@ -196,20 +209,34 @@ def test_model_error_fails_the_job_with_fals_own_error(client: Any, media: dict[
 
 def test_cancel_stops_the_fal_request_and_retry_starts_over(client: Any, media: dict[str, str], emulator: Any) -> None:
     emulator.configure(latency="5")
+    before = emulator.counters()
     try:
         job = client.submit(media["video_3s"], media["audio_3s"])
         deadline = time.monotonic() + 120
         while client.get(job.id).fal is None and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert client.get(job.id).fal is not None, "the job never reached fal"
+        at_fal = client.get(job.id).fal
+        assert at_fal is not None, "the job never reached fal"
         cancelled = client.cancel(job.id)
         assert cancelled.status is JobStatus.cancelled
-        time.sleep(1)
+        # This job's own request was cancelled at fal (asked of fal for it, not counted session-wide).
+        deadline = time.monotonic() + 30
+        while not emulator.inspect(at_fal.request_id)["cancel_requested"] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        request = emulator.inspect(at_fal.request_id)
+        assert request["cancel_requested"], request["status"]
+        deadline = time.monotonic() + 30
+        while emulator.inspect(at_fal.request_id)["status"] != "COMPLETED" and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert emulator.inspect(at_fal.request_id)["error_type"] == "request_cancelled"
+        # fal has ended it; nothing moves the job on from cancelled.
         assert client.get(job.id).status is JobStatus.cancelled
-        assert emulator.counters()["cancels"] >= 1
+        assert emulator.created_since(before) == 1
     finally:
         emulator.configure(latency="0.3")
     again = client.retry(job.id)
     assert again.status is JobStatus.queued and again.fal is None
     (done,) = client.wait([job.id], timeout_s=120)
     assert done.status is JobStatus.completed
+    assert done.fal is not None and done.fal.request_id != at_fal.request_id
+    assert emulator.created_since(before) == 2  # the retry paid once more, by the user's choice

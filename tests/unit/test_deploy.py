@@ -45,7 +45,12 @@ def test_compose_file_matches_the_compose_spec() -> None:
 def test_compose_runs_the_whole_stack_the_design_asks_for() -> None:
     services = compose()["services"]
     assert {"redis", "minio", "minio-init", "worker-transfer", "worker-api", "flower", "gateway"} <= set(services)
-    assert "--appendonly" in services["redis"]["command"] and "noeviction" in services["redis"]["command"]
+    # Each option read with its value: "--appendonly no" or "everysec" must not pass.
+    redis_command = services["redis"]["command"]
+    options = dict(zip(redis_command[1::2], redis_command[2::2], strict=False))
+    assert options.get("--appendonly") == "yes", redis_command
+    assert options.get("--appendfsync") == "always", redis_command
+    assert options.get("--maxmemory-policy") == "noeviction", redis_command
     assert services["redis"]["healthcheck"] and services["redis"]["volumes"]
     assert services["emulator"]["profiles"] == ["local"]
     assert services["prometheus"]["profiles"] == services["grafana"]["profiles"] == ["observability"]
