@@ -101,7 +101,7 @@ def _run(
         created = _created(chaos_stack)
         request_ids = {job.fal.request_id for job in jobs if job.fal is not None}
         verdict = verify(
-            client, chaos_stack.emulator, submitted, scenario=scenario, allowed_failures=set(), tmp_path=tmp_path,
+            client, chaos_stack.emulator, submitted, scenario=scenario, explained={}, tmp_path=tmp_path,
             extra={
                 "kills": 1, "created_at_kill": kill_after_created, "promoted_s": promoted_s,
                 "replica_back_s": replica_back_s, "recovery_s": recovery_s, "fal_created": created,
