@@ -18,9 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-import redis
-
 from emulator.control import EmulatorProcess, start_emulator
+from lipsync.sentinel import redis_from_url
 from producers.devstack import (
     DEFAULT_WORKERS,
     WorkerSpec,
@@ -109,7 +108,7 @@ class BenchStack:
         from lipsync.storage import Storage
 
         Storage(get_settings()).ensure_bucket()
-        self.redis = redis.Redis.from_url(redis_url, socket_timeout=30)
+        self.redis = redis_from_url(redis_url, socket_timeout=30)
         return self
 
     def stop(self) -> None:

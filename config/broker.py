@@ -6,6 +6,9 @@ never what a job is.
 
 - `redis://`, `rediss://`: kombu's Redis transport with this project's fix for a Redis restart
   (`workers.broker`), unacked messages handed back after `visibility_timeout`.
+- `sentinel://h1:26379;sentinel://h2:26379/0?master_name=NAME`: the same Redis transport behind
+  Sentinel (kombu's Sentinel transport, with the same fix: `workers.broker_sentinel`); it asks
+  the Sentinels for the master again on reconnect, so the workers follow a failover.
 - `amqp://`, `amqps://`, `pyamqp://`: RabbitMQ, as Celery's docs recommend it for no message
   loss: quorum queues (replicated with Raft, durable, and each message confirmed by the
   broker before the publisher goes on: `confirm_publish`), acks late (already on in
@@ -25,9 +28,12 @@ from kombu.entity import Queue
 
 from config.settings import Settings
 from lipsync.errors import LipsyncError
+from lipsync.sentinel import SENTINEL_SCHEME, celery_broker_options
 
 REDIS_SCHEMES = frozenset({"redis", "rediss"})
 AMQP_SCHEMES = frozenset({"amqp", "amqps", "pyamqp"})
+# kombu's Sentinel transport with the workers' broker fix (`workers.broker_sentinel.TRANSPORT`).
+SENTINEL_TRANSPORT = "workers.broker_sentinel:SentinelTransport"
 # The queues every step is routed to (`workers.runner.QUEUE_OF`): declared here once, so that a
 # producer and a worker declare each with the same arguments (RabbitMQ refuses a mismatch).
 QUEUE_NAMES = ("transfer", "api")
@@ -40,13 +46,14 @@ class BrokerUrlError(LipsyncError):
 def broker_kind(url: str) -> str:
     """The kind of broker a URL names, "redis" or "amqp"; `BrokerUrlError` in words for anything else."""
     scheme = urlsplit(url).scheme.lower()
-    if scheme in REDIS_SCHEMES:
+    if scheme in REDIS_SCHEMES or scheme == SENTINEL_SCHEME:
         return "redis"
     if scheme in AMQP_SCHEMES:
         return "amqp"
     shown = f"{scheme}://" if scheme else repr(url.split("@")[-1])
     raise BrokerUrlError(
-        f"LIPSYNC_BROKER_URL must start with redis:// or amqp:// (RabbitMQ); {shown} is not a broker this runs on"
+        f"LIPSYNC_BROKER_URL must start with redis://, sentinel:// or amqp:// (RabbitMQ); "
+        f"{shown} is not a broker this runs on"
     )
 
 
@@ -67,7 +74,7 @@ def _redis_options(settings: Settings) -> dict[str, Any]:
     from lipsync.lifecycle import transfer_limit_s
 
     transfer_limit = transfer_limit_s(settings)
-    return {
+    options: dict[str, Any] = {
         # Unacked messages come back after this long on Redis. Longer than the longest task,
         # so a slow transfer is not run twice; a crashed worker's job is picked up much
         # sooner by the durable schedule (its lease lapses in poll_lease_s/transfer_lease_s).
@@ -81,6 +88,14 @@ def _redis_options(settings: Settings) -> dict[str, Any]:
         # worker ("Unrecoverable error" while handing back unacked messages): see workers.broker.
         "broker_transport": "workers.broker:Transport",
     }
+    if urlsplit(settings.broker_url).scheme.lower() == SENTINEL_SCHEME:
+        # The Sentinels' options (master name...) join the transport options above; the URL and
+        # the transport become kombu's Sentinel ones.
+        sentinel = celery_broker_options(settings.broker_url, sentinel_transport=SENTINEL_TRANSPORT)
+        options["broker_transport_options"].update(sentinel["broker_transport_options"])
+        options["broker_url"] = sentinel["broker_url"]
+        options["broker_transport"] = sentinel["broker_transport"]
+    return options
 
 
 def _rabbitmq_options() -> dict[str, Any]:

@@ -26,6 +26,7 @@ import redis
 from lipsync.errors import IdempotencyConflict, JobNotFound
 from lipsync.keys import Keys
 from lipsync.models import AT_FAL_STATUSES, TERMINAL_STATUSES, Job, JobError, JobStatus
+from lipsync.replication import ReplicaAck
 
 # Top-level Job fields stored as JSON, one hash field each (status and timestamps are separate).
 _JSON_FIELDS = (
@@ -93,9 +94,16 @@ def _names(statuses: Iterable[JobStatus] | None) -> str:
 
 class JobStore:
     def __init__(
-        self, client: redis.Redis[bytes], prefix: str = "lipsync", *, observer: Observer | None = None
+        self,
+        client: redis.Redis[bytes],
+        prefix: str = "lipsync",
+        *,
+        observer: Observer | None = None,
+        ack: ReplicaAck | None = None,
     ) -> None:
         self.redis = client
+        # Replica acknowledgement of the money-critical writes (`durable`); None: a single Redis.
+        self.ack = ack
         self.prefix = prefix
         self.keys = Keys(prefix)
         self.schedule_key = self.keys.schedule
@@ -109,6 +117,7 @@ class JobStore:
         self._claim = load_script(client, "claim")
         self._claim_waiting = load_script(client, "claim_waiting")
         self._rescore_waiting = load_script(client, "rescore_waiting")
+        self._confirm = load_script(client, "confirm")
 
     def job_key(self, job_id: str) -> str:
         return self.keys.job(job_id)
@@ -265,11 +274,16 @@ class JobStore:
         due_at: float | None = None,
         owner: str | None = None,
         count: Iterable[str] = (),
+        durable: bool = False,
     ) -> Moved:
-        """Move the job on to `to` (from one of `from_`), due again at `due_at` (None: not scheduled)."""
+        """Move the job on to `to` (from one of `from_`), due again at `due_at` (None: not scheduled).
+
+        `durable`: the fields are money-critical (the fal request id) and acknowledged by the
+        replicas (`ack`) before this returns, rewritten as they are if an earlier try wrote them.
+        """
         return self._move(
             job_id, to=to, from_=from_, fields=fields, event=event, owner=owner, count=count,
-            due="-" if due_at is None else repr(due_at),
+            due="-" if due_at is None else repr(due_at), durable=durable,
         )  # fmt: skip
 
     def wait(
@@ -342,6 +356,17 @@ class JobStore:
         """Record something about the job without moving it (an event, a counter, a field)."""
         return self._move(job_id, fields=fields, raw=raw, delete=delete, count=count, event=event)
 
+    def confirm(self, job_id: str, names: Sequence[str]) -> int:
+        """Make the job's fields `names` durable on the replicas (`ack`): each is rewritten as it
+        is and WAIT sent after it on the same connection. Returns how many the job has; raises
+        `ReplicaAckTimeout` (policy refuse) when too few replicas acknowledge in time."""
+        if self.ack is None:
+            return len(names)
+        pipe = self.redis.pipeline(transaction=False)
+        self._confirm(keys=[self.job_key(job_id)], args=list(names), client=pipe)
+        (found,) = self.ack.acknowledge(pipe)
+        return int(found)
+
     def release(self, job_id: str, owner: str) -> Moved:
         """Give our lease back without changing anything else."""
         return self._move(job_id, owner=owner)
@@ -369,11 +394,12 @@ class JobStore:
         count: Iterable[str] = (),
         absent: Iterable[str] = (),
         event: str | None = None,
+        durable: bool = False,
     ) -> Moved:
         encoded = {name: json.dumps(value) for name, value in (fields or {}).items()}
         encoded.update(raw or {})
         keys = self.keys
-        reply = self._move_script(
+        move = dict(
             keys=[
                 keys.job(job_id),
                 keys.events(job_id),
@@ -402,6 +428,16 @@ class JobStore:
                 _EVERY,
             ],
         )
+        if durable and self.ack is not None and encoded:
+            # One connection for the move, the rewrite of its fields (a retry whose move is
+            # refused because the first try wrote it still writes) and WAIT, which counts the
+            # writes of its own connection only (lipsync.replication).
+            pipe = self.redis.pipeline(transaction=False)
+            self._move_script(**move, client=pipe)
+            self._confirm(keys=[keys.job(job_id)], args=sorted(encoded), client=pipe)
+            reply = self.ack.acknowledge(pipe)[0]
+        else:
+            reply = self._move_script(**move)
         code, before_raw, known = int(reply[0]), reply[1], reply[2:]
         if code == -1:
             raise JobNotFound(f"no job with id {job_id!r}")
@@ -470,6 +506,23 @@ class JobStore:
         pipe.zscore(self.waiting_key, job_id)
         scores = [float(s) for s in pipe.execute() if s is not None]
         return min(scores) if scores else None
+
+    def reschedule_lost(self, count: int = 500) -> list[str]:
+        """Jobs not ended that are in neither schedule, put back in `schedule`, due now.
+
+        Every write keeps a job and its entry together, but a Redis failover can forget the
+        last writes: the promoted replica may hold a job whose entry a later write would have
+        made, or a job a producer was told was created. The dispatcher routes each to its step
+        (or to `waiting`, if it is at fal); one that ended meanwhile is dropped there."""
+        lost: list[str] = []
+        for status in _NOT_ENDED:
+            for raw in self.redis.sscan_iter(self.keys.status(status.value), count=count):
+                job_id = _text(raw)
+                if self.scheduled_at(job_id) is None:
+                    lost.append(job_id)
+        if lost:
+            self.redis.zadd(self.schedule_key, dict.fromkeys(lost, _now()), nx=True)
+        return lost
 
     def schedule_size(self) -> int:
         pipe = self.redis.pipeline(transaction=False)

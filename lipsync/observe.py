@@ -14,6 +14,7 @@ from config.logging import bind_request_id
 from lipsync.jobstore import JobStore
 from lipsync.metrics import observe_transition
 from lipsync.models import JobStatus
+from lipsync.replication import ReplicaAck
 
 log = logging.getLogger("lipsync.metrics")
 transition_log = logging.getLogger("lipsync.job")
@@ -41,6 +42,6 @@ def observe(
         log.warning("metrics: could not record a transition of job %s: %s: %s", job_id, type(exc).__name__, exc)
 
 
-def observed_store(client: redis.Redis[bytes], prefix: str) -> JobStore:
+def observed_store(client: redis.Redis[bytes], prefix: str, *, ack: ReplicaAck | None = None) -> JobStore:
     """The job store every door writes through: its status changes are logged and counted."""
-    return JobStore(client, prefix, observer=observe)
+    return JobStore(client, prefix, observer=observe, ack=ack)

@@ -18,13 +18,17 @@ it answers at once (0 on Redis 7.0, even with the replica in sync).
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 from redis.client import Pipeline
 
 from lipsync.errors import RetryableError
+
+if TYPE_CHECKING:
+    from config.settings import Settings
 
 log = logging.getLogger("lipsync.replication")
 
@@ -134,3 +138,22 @@ def _check(acknowledged: int, *, replicas: int, timeout_ms: int, policy: AckPoli
         wanted=replicas,
         acknowledged=acknowledged,
     )
+
+
+@dataclass(frozen=True)
+class ReplicaAck:
+    """How the money-critical writes are acknowledged: by `replicas` replicas within `timeout_ms`."""
+
+    replicas: int
+    timeout_ms: int
+    policy: AckPolicy
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ReplicaAck | None:
+        """None when no acknowledgement is asked for (`redis_min_replicas_ack` 0, a single Redis)."""
+        if settings.redis_min_replicas_ack <= 0:
+            return None
+        return cls(settings.redis_min_replicas_ack, settings.redis_ack_timeout_ms, AckPolicy(settings.redis_ack_policy))
+
+    def acknowledge(self, pipeline: Pipeline[Any]) -> list[Any]:
+        return acknowledge(pipeline, replicas=self.replicas, timeout_ms=self.timeout_ms, policy=self.policy)

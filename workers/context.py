@@ -18,6 +18,7 @@ from lipsync.keys import Keys
 from lipsync.observe import observed_store
 from lipsync.poller import FirstCheck
 from lipsync.redis_client import connect
+from lipsync.replication import ReplicaAck
 from lipsync.storage import Storage
 
 
@@ -44,7 +45,7 @@ def build_context(settings: Settings, send: Sender | None = None) -> Context:
     return Context(
         settings=settings,
         redis=client,
-        store=observed_store(client, settings.key_prefix),
+        store=observed_store(client, settings.key_prefix, ack=ReplicaAck.from_settings(settings)),
         admission=AdmissionControl(
             client,
             prefix=settings.key_prefix,

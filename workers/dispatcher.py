@@ -21,6 +21,8 @@ from lipsync.observe import observed_store
 from lipsync.redis_client import connect
 
 log = logging.getLogger("lipsync.dispatcher")
+# How often the jobs not ended are compared with the schedules (`JobStore.reschedule_lost`).
+SWEEP_EVERY_S = 30.0
 
 
 class Dispatcher:
@@ -44,6 +46,7 @@ class Dispatcher:
         longest = 4 * self.settings.dispatch_interval_s
         while not self._stop.is_set():
             try:
+                self.sweep()
                 sent = self.dispatch_once() + self.dispatch_callbacks()
             except Exception as exc:  # Redis restarting, broker away: keep trying, quietly
                 log.warning("dispatcher: %s: %s", type(exc).__name__, exc)
@@ -56,6 +59,17 @@ class Dispatcher:
 
     _next_due = float("inf")
     _next_callback = float("inf")
+    _next_sweep = 0.0
+
+    def sweep(self) -> list[str]:
+        """Now and then, put back in the schedule the jobs a Redis failover left out of it."""
+        if time.monotonic() < self._next_sweep:
+            return []
+        self._next_sweep = time.monotonic() + SWEEP_EVERY_S
+        lost = self.store.reschedule_lost()
+        if lost:
+            log.warning("dispatcher: %d job(s) not ended were in no schedule (a Redis failover?): due now", len(lost))
+        return lost
 
     def dispatch_once(self) -> int:
         """Send one task for each due job; returns how many entries were claimed."""

@@ -16,6 +16,7 @@ import time
 import redis
 
 from config.settings import Settings
+from lipsync.sentinel import redis_from_url
 
 log = logging.getLogger("lipsync.preflight")
 
@@ -29,7 +30,7 @@ WHY = {
 
 def check_redis(settings: Settings) -> list[str]:
     """The settings that differ from what this workload needs, each as a warning (also logged)."""
-    client = redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5, decode_responses=True)
+    client = redis_from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5, decode_responses=True)
     warnings = []
     try:
         for name, wanted in EXPECTED.items():

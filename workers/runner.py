@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import redis
 from redis.backoff import EqualJitterBackoff
 from redis.retry import Retry
 
@@ -27,6 +29,7 @@ from lipsync.jobstore import JobStore, LeaseLost, Moved
 from lipsync.lifecycle import Advance, Fail, Outcome, Step, Wait, backoff, next_step
 from lipsync.metrics import observe_error
 from lipsync.models import AT_FAL_STATUSES, Job, JobError, JobStatus
+from lipsync.replication import ReplicaAckTimeout
 from workers.context import Context
 
 log = logging.getLogger("lipsync.worker")
@@ -150,7 +153,13 @@ def due_for(status: JobStatus, ctx: Context) -> float | None:
 # Saving a fact that already happened at fal (its request id) rides out a Redis restart in place,
 # for about 40 s (30 tries, at most 2 s apart): there is nowhere durable to hand the id to (the
 # broker is the same Redis), and giving up would lose a request already paid for.
-_SETTLED_RETRY = Retry(EqualJitterBackoff(cap=2.0, base=0.2), retries=30)
+# A replica that does not acknowledge it in time (policy refuse) is waited for the same way: the
+# retry rewrites the same id, so that WAIT covers it (`JobStore.advance(durable=True)`).
+_SETTLED_RETRY = Retry(
+    EqualJitterBackoff(cap=2.0, base=0.2),
+    retries=30,
+    supported_errors=(redis.ConnectionError, redis.TimeoutError, socket.timeout, ReplicaAckTimeout),
+)
 
 
 def advance(job: Job, outcome: Advance, ctx: Context, owner: str, from_: frozenset[JobStatus]) -> None:
@@ -159,7 +168,7 @@ def advance(job: Job, outcome: Advance, ctx: Context, owner: str, from_: frozens
     def write(lease_owner: str) -> Moved:
         return ctx.store.advance(
             job.id, outcome.to, from_=from_, fields=outcome.fields, event=outcome.event, due_at=due_at,
-            owner=lease_owner, count=outcome.count,
+            owner=lease_owner, count=outcome.count, durable=outcome.settled,
         )  # fmt: skip
 
     if outcome.settled:

@@ -12,10 +12,15 @@ import contextlib
 import logging
 import time
 
+import redis
+from redis.backoff import EqualJitterBackoff
+from redis.retry import Retry
+
 from lipsync.errors import PermanentError, RetryableError
 from lipsync.fal import SubmitOutcomeUnknown
 from lipsync.lifecycle import Advance, Outcome, Wait
 from lipsync.models import FalRequest, Job, JobStatus
+from lipsync.replication import ReplicaAckTimeout
 from workers.context import Context
 from workers.runner import Lease, saved_request_id
 
@@ -41,6 +46,9 @@ def submit(job: Job, ctx: Context, lease: Lease) -> Outcome:
         return None  # cancelled meanwhile: nothing to send
     if not admission.admitted:
         return Wait(max(0.05, admission.retry_after))
+    unconfirmed = confirm_claim(job, ctx)
+    if unconfirmed is not None:
+        return unconfirmed
     video, audio = job.inputs["video"], job.inputs["audio"]
     ttl = int(max(settings.presign_ttl_s, job.deadline_at - time.time() + 3600))
     arguments = job.request.model_dump(mode="json", exclude_none=True)
@@ -71,5 +79,26 @@ def submit(job: Job, ctx: Context, lease: Lease) -> Outcome:
         if_refused=refused,
     )
 
+
+def confirm_claim(job: Job, ctx: Context) -> Wait | None:
+    """The claim must survive a Redis failover before the POST: acknowledged by the replicas
+    (`redis_min_replicas_ack`), or nothing is sent. A claim not acknowledged is taken back and
+    the job waits (the runner's write gives the slot back; a wait is not a retry, so an outage
+    of the replicas fails no job), so that the next try is a fresh submit, not mistaken for an
+    interrupted POST."""
+    try:
+        if ctx.store.confirm(job.id, [CLAIM_FIELD]):
+            return None
+        problem = "its submit claim was lost in a Redis failover"
+    except (ReplicaAckTimeout, redis.ConnectionError, redis.TimeoutError) as exc:
+        problem = f"its submit claim is not known to be on a replica ({exc})"
+        _CLAIM_RETRY.call_with_retry(lambda: ctx.store.note(job.id, delete=[CLAIM_FIELD]), lambda _: None)
+    log.warning("job %s: not sent to fal: %s; trying again in %.0f s", job.id, problem, _UNCONFIRMED_WAIT_S)
+    return Wait(_UNCONFIRMED_WAIT_S, event=f"not sent to fal: {problem}")
+
+
+_UNCONFIRMED_WAIT_S = 1.0
+# Taking the claim back rides out the failover that lost its acknowledgement (about 20 s).
+_CLAIM_RETRY = Retry(EqualJitterBackoff(cap=1.0, base=0.1), retries=30)
 
 __all__ = ["CLAIM_FIELD", "FalRequest", "submit"]

@@ -19,6 +19,7 @@ import redis
 from celery import Celery
 
 from bench.baselines.common import copy_output, presign, s3_client
+from lipsync.sentinel import redis_from_url
 
 APP = "fal-ai/sync-lipsync/v3"
 QUEUE = "bench-blocking"
@@ -34,7 +35,7 @@ def _clients() -> tuple[Any, httpx.Client, redis.Redis[bytes]]:
     if not hasattr(_local, "s3"):
         _local.s3 = s3_client()
         _local.http = httpx.Client(verify=os.environ.get("SSL_CERT_FILE", True), timeout=60)
-        _local.redis = redis.Redis.from_url(os.environ["LIPSYNC_REDIS_URL"])
+        _local.redis = redis_from_url(os.environ["LIPSYNC_REDIS_URL"])
     return _local.s3, _local.http, _local.redis
 
 

@@ -26,6 +26,7 @@ import redis
 from lipsync.jobstore import JobStore
 from lipsync.models import Job, JobStatus, SyncMode, output_duration
 from lipsync.probe import probe
+from lipsync.sentinel import redis_from_url
 
 FRAME = 1 / 25
 MODES = list(SyncMode)
@@ -57,7 +58,7 @@ class Progress:
     """Samples how many of the batch are terminal, through Redis outages, to time recoveries."""
 
     def __init__(self, redis_url: str, prefix: str, job_ids: list[str]) -> None:
-        self.store = JobStore(redis.Redis.from_url(redis_url, socket_timeout=2, socket_connect_timeout=1), prefix)
+        self.store = JobStore(redis_from_url(redis_url, socket_timeout=2, socket_connect_timeout=1), prefix)
         self.job_ids = job_ids
         self.samples: list[tuple[float, int]] = []  # (time, terminal count) at each change
         self.terminal_at: dict[str, float] = {}

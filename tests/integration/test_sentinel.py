@@ -258,3 +258,74 @@ def test_broker_publishes_and_consumes_across_failover(sentinel_topology: Sentin
     print(f"\nbroker failover: published {published_s:.2f} s after the kill, both consumed at {consumed_s:.2f} s")
     assert topology.wait_for_failover(old.port)[1] != old.port
     assert sorted(received) == ["after-kill", "before-kill"]
+
+
+def test_a_retried_money_critical_write_is_rewritten_so_wait_covers_it(sentinel_topology: SentinelTopology) -> None:
+    """The submit claim (or the request id) written by an earlier try: the retry writes nothing
+    new of its own, so its WAIT would answer for nothing. `JobStore.confirm` rewrites the field
+    on the WAIT's connection: with the replica frozen, it is refused, not acknowledged at once."""
+    from lipsync.jobstore import JobStore
+    from lipsync.replication import ReplicaAck
+
+    topology = sentinel_topology
+    store = JobStore(_client(topology), "acked", ack=ReplicaAck(1, 300, AckPolicy.REFUSE))
+    store.redis.hset(store.job_key("j1"), "submit_claimed_at", "1.5")
+    assert store.confirm("j1", ["submit_claimed_at"]) == 1  # replica live: acknowledged
+    assert store.confirm("j1", ["no_such_field"]) == 0  # a claim a failover lost: nothing to go on with
+    topology.replica.process.send_signal(signal.SIGSTOP)
+    try:
+        with pytest.raises(ReplicaAckTimeout):
+            store.confirm("j1", ["submit_claimed_at"])
+        single_host = JobStore(store.redis, "acked", ack=ReplicaAck(1, 300, AckPolicy.SINGLE_HOST))
+        assert single_host.confirm("j1", ["submit_claimed_at"]) == 1
+    finally:
+        topology.replica.process.send_signal(signal.SIGCONT)
+    assert store.redis.hget(store.job_key("j1"), "submit_claimed_at") == b"1.5"
+
+
+def test_submit_sends_nothing_to_fal_until_a_replica_has_its_claim(
+    sentinel_topology: SentinelTopology, stack_env: dict[str, str], emulator: Any
+) -> None:
+    """With the replica frozen, a failover could forget the claim: the submit step sends nothing,
+    takes the claim back (the next try is a fresh submit, not an "interrupted POST") and waits;
+    once the replica answers, the job is submitted once."""
+    from config.settings import Settings
+    from lipsync.lifecycle import step
+    from lipsync.models import Job, JobStatus, LipsyncInput, MediaInfo
+    from workers.context import build_context
+    from workers.runner import run_step
+    from workers.submit import CLAIM_FIELD, submit
+
+    topology = sentinel_topology
+    settings = Settings(
+        redis_url=topology.url, key_prefix=f"acksubmit{time.time_ns()}",
+        redis_min_replicas_ack=1, redis_ack_timeout_ms=300, redis_ack_policy="refuse",
+    )  # fmt: skip
+    ctx = build_context(settings, send=lambda *message: None)
+    now = time.time()
+    media = MediaInfo(staging_key="staging/x", sha256="0" * 64, size=1, container="mp4", duration=3.0)
+    job = Job(
+        id=ctx.store.new_id(), status=JobStatus.queued, request=LipsyncInput(video_url="s3://b/v", audio_url="s3://b/a"),
+        request_digest="d", created_at=now, updated_at=now, deadline_at=now + 600,
+        inputs={"video": media, "audio": media},
+    )  # fmt: skip
+    ctx.store.create(job, dispatch_lease_s=3600)
+    inputs = {k: v.model_dump(mode="json") for k, v in job.inputs.items()}
+    ctx.store.advance(job.id, JobStatus.submitting, from_=[JobStatus.queued], fields={"inputs": inputs}, due_at=now)
+    created = emulator.counters()["by_marker"].get(job.id, 0)
+    topology.replica.process.send_signal(signal.SIGSTOP)
+    try:
+        run_step(step("submit"), job.id, ctx, submit)
+        waiting = ctx.store.get(job.id)
+        assert waiting.status is JobStatus.submitting and waiting.fal is None
+        assert ctx.store.raw_field(job.id, CLAIM_FIELD) is None  # taken back
+        assert ctx.admission.in_flight() == 0  # and the slot
+        assert emulator.counters()["by_marker"].get(job.id, 0) == created  # nothing sent to fal
+        assert ctx.store.scheduled_at(job.id) is not None  # it will be tried again
+    finally:
+        topology.replica.process.send_signal(signal.SIGCONT)
+    run_step(step("submit"), job.id, ctx, submit)
+    submitted = ctx.store.get(job.id)
+    assert submitted.status is JobStatus.submitted and submitted.fal is not None
+    assert emulator.counters()["by_marker"].get(job.id, 0) == created + 1
+    ctx.redis.close()

@@ -13,7 +13,8 @@ from config.settings import Settings
     ("url", "kind"),
     [("redis://localhost:6379/0", "redis"), ("rediss://cache:6380/1", "redis"),
      ("amqp://guest:guest@127.0.0.1:5672/vhost", "amqp"), ("amqp://guest:guest@127.0.0.1:5672//", "amqp"),
-     ("amqps://u:p@mq.example.com/prod", "amqp"), ("pyamqp://u:p@mq/", "amqp")],
+     ("amqps://u:p@mq.example.com/prod", "amqp"), ("pyamqp://u:p@mq/", "amqp"),
+     ("sentinel://s1:26379;sentinel://s2:26379/0?master_name=m", "redis")],
 )  # fmt: skip
 def test_the_scheme_chooses_the_broker(url: str, kind: str) -> None:
     assert broker_kind(url) == kind
@@ -21,7 +22,7 @@ def test_the_scheme_chooses_the_broker(url: str, kind: str) -> None:
 
 @pytest.mark.parametrize("url", ["sqs://", "localhost:6379", "", "memory://"])
 def test_another_broker_is_refused_in_words_without_the_password(url: str) -> None:
-    with pytest.raises(BrokerUrlError, match="must start with redis:// or amqp://"):
+    with pytest.raises(BrokerUrlError, match="must start with redis://, sentinel:// or amqp://"):
         broker_kind(url)
     with pytest.raises(BrokerUrlError) as caught:
         broker_kind("sqs://key:hunter2-secret@queue")
@@ -42,6 +43,18 @@ def test_redis_keeps_its_transport_and_rabbitmq_gets_quorum_queues_and_confirms(
     assert rabbit["task_acks_late"] is True and rabbit["task_reject_on_worker_lost"] is True
     assert {q.name for q in rabbit["task_queues"]} == {"transfer", "api"}
     assert broker_options(Settings(broker_url="amqp://x@y//"))["broker_heartbeat"] > 0
+
+
+def test_a_sentinel_broker_gets_kombus_sentinel_form_and_keeps_the_redis_options() -> None:
+    from workers.broker_sentinel import TRANSPORT
+
+    url = "sentinel://:secret@s1:26379;sentinel://s2:26380/2?master_name=lipsync&sentinel_password=sp"
+    options = celery_config(Settings(broker_url=url))
+    assert options["broker_transport"] == TRANSPORT
+    assert options["broker_url"] == "sentinel://:secret@s1:26379/2;sentinel://:secret@s2:26380/2"
+    transport = options["broker_transport_options"]
+    assert transport["master_name"] == "lipsync" and transport["sentinel_kwargs"] == {"password": "sp"}
+    assert transport["visibility_timeout"] >= 3600 and transport["socket_timeout"] == 10
 
 
 def test_producers_send_no_task_sent_events_so_flower_gets_no_series_per_process() -> None:

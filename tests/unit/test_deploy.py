@@ -176,3 +176,22 @@ def test_grafana_dashboard_only_charts_metrics_that_exist() -> None:
     provider = yaml.safe_load((ROOT / "deploy/grafana/provisioning/dashboards/lipsync.yml").read_text())
     mount = next(v for v in compose()["services"]["grafana"]["volumes"] if v.startswith("./deploy/grafana/dashboards"))
     assert mount.split(":")[1] == provider["providers"][0]["options"]["path"]
+
+
+def test_the_sentinel_profile_is_included_and_the_redis_urls_can_point_at_it() -> None:
+    from lipsync.sentinel import parse_sentinel_url
+
+    document = compose()
+    assert "deploy/compose.sentinel.yml" in document["include"]
+    sentinel: dict[str, Any] = yaml.safe_load((ROOT / "deploy/compose.sentinel.yml").read_text())
+    names = {"redis-master", "redis-replica", "sentinel-1", "sentinel-2", "sentinel-3"}
+    assert names <= set(sentinel["services"])
+    assert all(sentinel["services"][name]["profiles"] == ["sentinel"] for name in names)
+    environment = document["services"]["worker-api"]["environment"]
+    for name in ("LIPSYNC_REDIS_URL", "LIPSYNC_BROKER_URL", "LIPSYNC_REDIS_MIN_REPLICAS_ACK"):
+        assert environment[name].startswith(f"${{{name}:-"), name
+    # The URL the compose file's comment gives parses and names hosts that the profile runs.
+    documented = re.search(r"LIPSYNC_REDIS_URL='([^']+)'", (ROOT / "deploy/compose.sentinel.yml").read_text())
+    assert documented is not None
+    address = parse_sentinel_url(documented.group(1))
+    assert {host for host, _ in address.sentinels} <= set(sentinel["services"])
