@@ -1,7 +1,7 @@
 """Graceful shutdown: SIGTERM lets the transfers in flight finish and hands the rest back.
 
-The inputs come from a deliberately slow web server, so that both transfer processes are
-in the middle of a download when the worker is told to stop (as `docker stop` or a
+The inputs come from a deliberately slow web server, so that every transfer thread is in
+the middle of a download, with more jobs waiting, when the worker is told to stop (as `docker stop` or a
 Kubernetes rollout would). What they were doing must finish exactly once; what they had
 not started must be picked up by the next worker; nothing fails and every output is whole.
 """
@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from lipsync.models import JobStatus, SyncMode, output_duration
-from producers.devstack import free_port
+from producers.devstack import DEFAULT_WORKERS, free_port
 from tests.chaos.conftest import ChaosStack
 from tests.chaos.harness import Progress, Submitted, queued_job_ids, verify
 from tests.fixtures.isolated import kill_group
@@ -77,7 +77,10 @@ def test_sigterm_lets_in_flight_transfers_finish_and_hands_the_rest_back(
     client = LipsyncClient(stack.settings())
     audio, audio_s = small_media["audio_short"]
     try:
-        jobs = [client.submit(slow_server, audio, sync_mode=SyncMode.cut_off.value) for _ in range(8)]
+        # More jobs than the transfer worker has threads: some must still be waiting at SIGTERM,
+        # or "the rest is handed back" would hold with nothing to hand back.
+        threads = next(spec.concurrency for spec in DEFAULT_WORKERS if spec.name == "transfer")
+        jobs = [client.submit(slow_server, audio, sync_mode=SyncMode.cut_off.value) for _ in range(threads + 6)]
         submitted = Submitted(
             [job.id for job in jobs],
             {job.id: output_duration(SyncMode.cut_off, 2.0, audio_s) for job in jobs},
@@ -87,10 +90,10 @@ def test_sigterm_lets_in_flight_transfers_finish_and_hands_the_rest_back(
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline:
                 staging = [i for i, s in client.store.statuses(submitted.job_ids).items() if s is JobStatus.staging]
-                if len(staging) >= 2:
+                if len(staging) >= threads:
                     break
                 time.sleep(0.05)
-            assert len(staging) >= 2, "both transfer processes should be downloading"
+            assert len(staging) >= threads, f"every transfer thread should be downloading ({len(staging)}/{threads})"
             time.sleep(0.5)
             transfer = stack.workers.processes["transfer"]
             transfer_log = stack.logdir / "worker-transfer.log"
@@ -111,6 +114,7 @@ def test_sigterm_lets_in_flight_transfers_finish_and_hands_the_rest_back(
             left = [i for i, s in client.store.statuses(submitted.job_ids).items() if s is JobStatus.queued]
             # Everything not started was handed back: queued, its message in the queue again.
             assert len(left) == len(jobs) - len(in_flight), (len(left), len(in_flight))
+            assert left, "nothing was waiting at SIGTERM: the test proves no hand-back"
             waiting = queued_job_ids(stack.env["LIPSYNC_REDIS_URL"], "lipsync.stage")
             assert set(left) <= waiting, f"{len(set(left) - waiting)} jobs were not handed back to the queue"
             stack.start_workers()
