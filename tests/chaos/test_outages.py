@@ -19,10 +19,12 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 from lipsync.models import JobStatus
@@ -196,6 +198,16 @@ def test_redis_restarted_mid_batch_loses_nothing(
     with Progress(client.settings.redis_url, client.settings.key_prefix, submitted.job_ids) as progress:
         waiter.start()
         progress.wait_for(JOBS // 3, timeout=120)
+        # `lipsync wait` must be waiting already (not still starting up) when Redis goes:
+        # a CLI that cannot reach Redis at its start says so and exits 2, by design.
+        redis_port = urllib.parse.urlsplit(stack.env["LIPSYNC_REDIS_URL"]).port
+        deadline = time.monotonic() + 60
+        while not any(
+            c.raddr and c.raddr.port == redis_port and c.status == psutil.CONN_ESTABLISHED
+            for c in psutil.Process(cli.pid).net_connections(kind="tcp")
+        ):
+            assert cli.poll() is None and time.monotonic() < deadline, "lipsync wait never reached Redis"
+            time.sleep(0.05)
         stack.kill_redis()
         time.sleep(3)
         stack.start_redis()
