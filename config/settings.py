@@ -54,6 +54,25 @@ class Settings(BaseSettings):
     presign_ttl_s: int = 6 * 3600
     max_in_flight: int = 10_000
     submits_per_second: float = 20.0
+    # Adaptive admission (lipsync/admission.py): jobs kept at fal = the account's observed
+    # concurrency (requests seen IN_PROGRESS while others wait IN_QUEUE) + this buffer, which covers
+    # a submit's round trip; `max_in_flight` stays the ceiling. 0 turns the adaptation off.
+    fal_queue_buffer: int = 4
+    # The concurrency assumed before any has been observed (fal plans run 2-40 at once).
+    fal_concurrency_hint: int = 10
+    # A running request is not cancelled by the job's deadline (it is being paid for already),
+    # only by an explicit cancel or by this generous bound on its time at fal.
+    max_run_s: float = 6 * 3600.0
+    # A locked account (403 "User is locked") or refused key (401): submits pause, and one probe
+    # submit is let through after this interval, doubling up to the max while fal still refuses.
+    fal_account_probe_s: float = 5.0
+    fal_account_probe_max_s: float = 60.0
+    # fal's REST API, for its request listing (GET /v1/models/requests/by-endpoint), which finds
+    # the request of a submit whose answer was lost. The emulator serves it on its own host.
+    fal_api_url: str = "https://api.fal.ai"
+    # A request not in the listing counts as absent only once its start timeout has passed (fal
+    # may list only ended requests) plus this margin; then the job is submitted again.
+    fal_listing_grace_s: float = 10.0
 
     # Polling: exponential backoff with jitter, claimed under a short lease.
     poll_initial_s: float = 1.0
@@ -109,7 +128,8 @@ class Settings(BaseSettings):
     # `Priority`); unset sends no header (fal's default, normal).
     fal_queue_priority: Literal["normal", "low"] | None = None
     # X-Fal-Request-Timeout: seconds a request may wait at fal before a runner starts it; fal then
-    # answers 504 and nothing is billed. 0 sends none (fal's default: no timeout).
+    # answers 504 and nothing is billed. Every submit sends the job's time left to its deadline,
+    # at most this many seconds (0: no bound but the deadline).
     fal_start_timeout_s: float = 0.0
     # X-Fal-Store-IO: 0 by default. Otherwise fal keeps each request's JSON payloads for 30 days,
     # and ours carry presigned URLs of the inputs (credentials for as long as they are valid).

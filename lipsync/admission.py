@@ -1,4 +1,5 @@
-"""Admission to fal, shared by every worker through Redis: a cap on jobs in flight and a submit rate.
+"""Admission to fal, shared by every worker through Redis: an adaptive cap on jobs in flight (the
+account's observed concurrency plus a small buffer, under the configured ceiling) and a submit rate.
 
 One Lua script (`lua/admit.lua`) decides both, so two workers can never both take the last
 slot. A slot is part of the job's state: it is taken here, by the submit step, and given back
@@ -30,7 +31,14 @@ class Admission:
 
 class AdmissionControl:
     def __init__(
-        self, client: redis.Redis[bytes], *, prefix: str, max_in_flight: int, submits_per_second: float
+        self,
+        client: redis.Redis[bytes],
+        *,
+        prefix: str,
+        max_in_flight: int,
+        submits_per_second: float,
+        queue_buffer: int = 0,
+        concurrency_hint: int = 10,
     ) -> None:
         self.redis = client
         self.keys = keys = Keys(prefix)
@@ -38,6 +46,8 @@ class AdmissionControl:
         self.bucket_key = keys.submit_rate
         self.max_in_flight = max_in_flight
         self.submits_per_second = submits_per_second
+        self.queue_buffer = queue_buffer
+        self.concurrency_hint = concurrency_hint
         self._admit = load_script(client, "admit")
 
     def admit(self, job_id: str, *, claim: str | None = None, status: str = "submitting") -> Admission:
@@ -47,8 +57,24 @@ class AdmissionControl:
         call, provided the job is in `status`, has no claim and no fal request yet.
         """
         code, retry_after = self._admit(
-            keys=[self.inflight_key, self.bucket_key, self.keys.job(job_id) if claim else ""],
-            args=[job_id, self.max_in_flight, self.submits_per_second, repr(time.time()), claim or "", status],
+            keys=[
+                self.inflight_key,
+                self.bucket_key,
+                self.keys.job(job_id) if claim else "",
+                self.keys.status("in_progress"),
+                self.keys.status("in_queue"),
+                self.keys.fal_concurrency,
+            ],
+            args=[
+                job_id,
+                self.max_in_flight,
+                self.submits_per_second,
+                repr(time.time()),
+                claim or "",
+                status,
+                self.queue_buffer,
+                self.concurrency_hint,
+            ],
         )
         code = int(code)
         if code < 0:

@@ -22,7 +22,7 @@ log = logging.getLogger("lipsync.jobs")
 LOG_TAIL = 20
 # Fields a retry clears: the job starts over from staging with a fresh deadline.
 RETRY_CLEARS = (
-    "fal", "error", "output", "submit_claimed_at", "logs", "lease_owner", "lease_until",
+    "fal", "error", "output", "submit_claimed_at", "submit_input", "logs", "lease_owner", "lease_until",
     *(f"attempts:retry_{step.name}" for step in lifecycle.STEPS),
 )  # fmt: skip
 

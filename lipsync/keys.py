@@ -72,6 +72,22 @@ class Keys:
         return f"{self.prefix}:submit-rate"
 
     @property
+    def fal_account(self) -> str:
+        """The fal account's breaker, a hash (reason, since, probe_at, interval) while fal refuses
+        submits (locked account, refused key); absent while it accepts them."""
+        return f"{self.prefix}:fal-account"
+
+    @property
+    def fal_account_probe(self) -> str:
+        """The one probe submit allowed per interval while the breaker is open (SET NX PX)."""
+        return f"{self.prefix}:fal-account:probe"
+
+    @property
+    def fal_concurrency(self) -> str:
+        """The account's observed concurrency (requests IN_PROGRESS while others wait IN_QUEUE)."""
+        return f"{self.prefix}:fal-concurrency"
+
+    @property
     def fal_seconds(self) -> str:
         """Recent inference times at fal (a short list, newest first): when a first check makes sense."""
         return f"{self.prefix}:fal-seconds"

@@ -262,6 +262,8 @@ class Job(BaseModel):
     fal_priority: FalPriority | None = None
     inputs: dict[str, MediaInfo] = Field(default_factory=dict)
     fal: FalRequest | None = None
+    # What the job waits on while it cannot be submitted (a locked fal account), else None.
+    waiting_on: str | None = None
     logs: list[FalLog] = Field(default_factory=list)
     output: JobOutput | None = None
     error: JobError | None = None

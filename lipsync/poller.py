@@ -106,6 +106,10 @@ def read_status(response: httpx.Response) -> QueueStatus:
     )
 
 
+class _NotStartedInTime(PermanentError):
+    code = "deadline_exceeded"
+
+
 class Poller:
     def __init__(self, settings: Settings, send: jobs.Sender, *, batch: int = 200, interval_s: float = 0.02) -> None:
         self.settings = settings
@@ -181,22 +185,31 @@ class Poller:
                 self.store.schedule(job.id, time.time())
             return
         request = FalRequest.model_validate(job.fal)
-        if time.time() > job.deadline_at:
-            self._fail(
-                job,
-                request,
-                PermanentError(
-                    f"fal did not finish before the job's deadline ({self.settings.job_deadline_s:.0f} s); "
-                    "the request was cancelled at fal",
-                    code="deadline_exceeded",
-                ),
+        if job.submitted_at is not None and time.time() > job.submitted_at + self.settings.max_run_s:
+            overdue = PermanentError(
+                f"the request was at fal longer than max_run_s ({self.settings.max_run_s:.0f} s); "
+                "it was cancelled at fal",
+                code="max_run_exceeded",
             )
+            self._fail(job, request, overdue)
             return
         try:
             status = read_status(await self._get(http, request.status_url, {"logs": "1"}))
             if status.state is not QueueState.completed:
+                # The deadline bounds waiting, not paid work: a request not started yet is cancelled
+                # at no cost; a running one goes on (only a cancel or `max_run_s` stops it).
+                if status.state is QueueState.in_queue and time.time() > job.deadline_at:
+                    raise _NotStartedInTime(
+                        "cancelled at no cost: the job's deadline passed while it waited in fal's queue, "
+                        "before fal started it"
+                    )
                 self._still_waiting(job, request, status)
                 return
+            if status.error_type == "request_timeout" and job.status is not JobStatus.in_progress:
+                raise _NotStartedInTime(
+                    "cancelled at no cost: fal did not start the request before the job's deadline "
+                    "(X-Fal-Request-Timeout); nothing ran"
+                )
             if status.error:
                 raise FalError(
                     f"fal could not process the request: {status.error}"

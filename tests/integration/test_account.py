@@ -1,0 +1,194 @@
+"""A real fal account at volume (issue 12): a locked account pauses, deadlines protect money, a lost
+submit answer is reconciled, never paid twice. Its own Redis, emulator and `celery worker`s (their
+settings differ from the session's), the session's S3 server."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lipsync.models import Job, JobStatus
+from producers.devstack import start_redis
+from tests.conftest import Workers
+from tests.fixtures.emulator import EmulatorProcess, start_emulator
+from tests.fixtures.isolated import aws_env, settings_from
+
+FAL_KEY = "account-test-key-5d1e"
+PROBE_S = 1.0
+PROBE_MAX_S = 2.0
+START_TIMEOUT_S = 4.0
+LATENCY_S = 1.5
+
+
+@dataclass
+class AccountStack:
+    env: dict[str, str]
+    emulator: EmulatorProcess
+    workers: Workers
+    client: Any
+
+    def submit(self, media: dict[str, str], count: int, **settings: Any) -> list[Job]:
+        client = self.client
+        if settings:
+            from producers.api import LipsyncClient
+
+            client = LipsyncClient(settings_from({**self.env, **settings}))
+        try:
+            return [client.submit(media["video_3s"], media["audio_3s"]) for _ in range(count)]
+        finally:
+            if settings:
+                client.close()
+
+    def jobs(self, jobs: list[Job]) -> list[Job]:
+        return [self.client.store.get(job.id) for job in jobs]
+
+    def wait_ended(self, jobs: list[Job], timeout: float = 150) -> list[Job]:
+        def ended() -> list[Job] | None:
+            now = self.jobs(jobs)
+            return now if all(j.terminal for j in now) else None
+
+        return wait_for(ended, timeout, "jobs end")  # type: ignore[no-any-return]
+
+
+def wait_for(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.1) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError(f"timed out waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def stack(s3_server: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[AccountStack]:
+    from producers.api import LipsyncClient
+
+    logdir: Path = tmp_path_factory.mktemp("account-logs")
+    emulator = start_emulator(
+        "--latency", str(LATENCY_S), "--concurrency", "2", log=(logdir / "emulator.log").open("ab")
+    )  # fmt: skip
+    with start_redis() as redis_server:
+        env = {
+            **s3_server.env(),
+            "LIPSYNC_S3_BUCKET": "lipsync-account",
+            "LIPSYNC_KEY_PREFIX": f"account{uuid.uuid4().hex[:6]}",
+            "LIPSYNC_REDIS_URL": redis_server.url,
+            "LIPSYNC_BROKER_URL": redis_server.url,
+            "LIPSYNC_FAL_QUEUE_URL": emulator.url,
+            "LIPSYNC_FAL_API_URL": emulator.url,
+            "FAL_KEY": FAL_KEY,
+            "LIPSYNC_ALLOW_PRIVATE_URLS": "127.0.0.1,localhost",
+            "LIPSYNC_POLL_INITIAL_S": "0.3",
+            "LIPSYNC_POLL_MAX_S": "1",
+            "LIPSYNC_RETRY_BASE_S": "0.3",
+            "LIPSYNC_RETRY_MAX_S": "3",
+            "LIPSYNC_POLL_LEASE_S": "15",
+            "LIPSYNC_TRANSFER_LEASE_S": "30",
+            "LIPSYNC_DISPATCH_INTERVAL_S": "0.1",
+            "LIPSYNC_SUBMITS_PER_SECOND": "200",
+            "LIPSYNC_FAL_ACCOUNT_PROBE_S": str(PROBE_S),
+            "LIPSYNC_FAL_ACCOUNT_PROBE_MAX_S": str(PROBE_MAX_S),
+            "LIPSYNC_FAL_CONCURRENCY_HINT": "2",
+            "LIPSYNC_FAL_QUEUE_BUFFER": "1",
+            "LIPSYNC_FAL_START_TIMEOUT_S": str(START_TIMEOUT_S),
+            "LIPSYNC_FAL_LISTING_GRACE_S": "1",
+        }
+        settings = settings_from(env)
+        with aws_env(env):
+            client = LipsyncClient(settings)
+            client.storage.ensure_bucket()
+            workers = Workers(env, logdir)
+            workers.start_all()
+            try:
+                yield AccountStack(env, emulator, workers, client)
+            finally:
+                workers.stop_all()
+                client.close()
+                emulator.stop()
+
+
+def requests_per_job(stack: AccountStack, jobs: list[Job]) -> dict[str, int]:
+    by_marker: dict[str, int] = stack.emulator.counters()["by_marker"]
+    return {job.id: by_marker.get(job.id, 0) for job in jobs}
+
+
+def test_locked_account_mid_batch_pauses_submits_and_fails_no_job(stack: AccountStack, media: dict[str, str]) -> None:
+    refusals_before = stack.emulator.counters()["locked_refusals"]
+    jobs = stack.submit(media, 8)
+    # Lock once fal has the first requests: the rest meet the lock.
+    wait_for(lambda: any(j.fal is not None for j in stack.jobs(jobs)), 60, "a first submit")
+    lock_s = 6.0
+    stack.emulator.lock(lock_s)
+    locked_at = time.monotonic()
+    # While locked, waiting jobs say what they wait on (and none has failed).
+    waiting = wait_for(
+        lambda: [j for j in stack.jobs(jobs) if j.waiting_on and "fal account" in j.waiting_on], lock_s, "waiting_on"
+    )
+    assert waiting and all(j.status is JobStatus.submitting for j in waiting)
+    assert time.monotonic() - locked_at < lock_s
+    ended = stack.wait_ended(jobs)
+    assert [j.status for j in ended] == [JobStatus.completed] * len(jobs), [j.error for j in ended]
+    assert set(requests_per_job(stack, jobs).values()) == {1}
+    refusals = stack.emulator.counters()["locked_refusals"] - refusals_before
+    # One probe per interval (PROBE_S at first), plus the submits already on their way when it locked
+    # (at most the admission cap: concurrency hint 2 + buffer 1).
+    assert 1 <= refusals <= lock_s / PROBE_S + 3, refusals
+    assert all(j.waiting_on is None for j in ended)
+    assert all(j.attempts.get("submit", 0) == 1 for j in ended), [j.attempts for j in ended]
+
+
+def test_deadline_passing_while_in_progress_does_not_cancel_the_paid_request(
+    stack: AccountStack, media: dict[str, str]
+) -> None:
+    stack.emulator.configure(latency="8")
+    try:
+        started_before = stack.emulator.account(FAL_KEY).get("started", 0)
+        [job] = stack.submit(media, 1, LIPSYNC_JOB_DEADLINE_S="6")
+        seen = wait_for(
+            lambda: (j := stack.jobs([job])[0]).status in (JobStatus.in_progress, JobStatus.failed) and j, 30, "start"
+        )
+        assert seen.status is JobStatus.in_progress, seen.error
+        [ended] = stack.wait_ended([job], timeout=60)
+    finally:
+        stack.emulator.configure(latency=str(LATENCY_S))
+    assert ended.status is JobStatus.completed, ended.error
+    assert ended.timestamps["completed"] > ended.deadline_at  # it ran past its deadline, to the end
+    assert stack.emulator.account(FAL_KEY)["started"] - started_before == 1
+
+
+def test_lost_submit_answer_is_reconciled_without_a_second_request(stack: AccountStack, media: dict[str, str]) -> None:
+    stack.emulator.set_faults(drop_submit="once")
+    try:
+        [job] = stack.submit(media, 1)
+        [ended] = stack.wait_ended([job], timeout=90)
+    finally:
+        stack.emulator.clear_faults()
+    assert ended.status is JobStatus.completed, ended.error
+    assert requests_per_job(stack, [job]) == {job.id: 1}
+    events = " ".join(str(e.get("event", "")) for e in stack.client.store.events(job.id))
+    assert "reconciled: fal's listing shows request" in events
+
+
+def test_5xx_with_request_id_on_submit_is_reconciled_not_re_posted(stack: AccountStack, media: dict[str, str]) -> None:
+    submits_before = stack.emulator.counters()["submits"]
+    stack.emulator.set_faults(runner_5xx="once")
+    try:
+        [job] = stack.submit(media, 1)
+        [ended] = stack.wait_ended([job], timeout=90)
+    finally:
+        stack.emulator.clear_faults()
+    assert ended.status is JobStatus.completed, ended.error
+    assert requests_per_job(stack, [job]) == {job.id: 1}
+    events = " ".join(str(e.get("event", "")) for e in stack.client.store.events(job.id))
+    # Sent again only once fal confirmed that the first POST made no request: after its start timeout.
+    assert "fal confirms the lost submit made no request" in events
+    assert stack.emulator.counters()["submits"] - submits_before == 2
+    first, second = ended.timestamps["submitting"], ended.timestamps["submitted"]
+    assert second - first >= START_TIMEOUT_S
