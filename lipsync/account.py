@@ -36,6 +36,20 @@ class AccountState:
         return f"{WAITING_ON} ({self.reason})"
 
 
+def read_state(client: redis.Redis[bytes], keys: Keys, default_interval: float = 0.0) -> AccountState | None:
+    """The open breaker as status, `stats` and metrics show it; None while fal accepts submits."""
+    raw = client.hgetall(keys.fal_account)
+    if not raw:
+        return None
+    fields = {k.decode(): v.decode() for k, v in raw.items()}
+    return AccountState(
+        reason=fields.get("reason", "refused"),
+        since=float(fields.get("since", "0")),
+        probe_at=float(fields.get("probe_at", "0")),
+        interval=float(fields.get("interval", str(default_interval))),
+    )
+
+
 class AccountBreaker:
     def __init__(self, client: redis.Redis[bytes], keys: Keys, settings: Settings) -> None:
         self.redis, self.keys = client, keys
@@ -43,16 +57,7 @@ class AccountBreaker:
 
     def state(self) -> AccountState | None:
         """The open breaker, or None while fal accepts submits."""
-        raw = self.redis.hgetall(self.keys.fal_account)
-        if not raw:
-            return None
-        fields = {k.decode(): v.decode() for k, v in raw.items()}
-        return AccountState(
-            reason=fields.get("reason", "refused"),
-            since=float(fields.get("since", "0")),
-            probe_at=float(fields.get("probe_at", "0")),
-            interval=float(fields.get("interval", str(self.probe_s))),
-        )
+        return read_state(self.redis, self.keys, self.probe_s)
 
     def may_submit(self) -> tuple[float, AccountState | None]:
         """(0, state) when a submit may go now (state set: it is the interval's one probe);

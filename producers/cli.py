@@ -70,6 +70,8 @@ def _print_job(job: Job, as_json: bool) -> None:
         table.add_row("fal request", job.fal.request_id)
         if job.fal.queue_position is not None and job.status is JobStatus.in_queue:
             table.add_row("queue position", str(job.fal.queue_position))
+    if job.waiting_on and not job.terminal:
+        table.add_row("waiting on", job.waiting_on)
     if job.cost_estimate_usd is not None:
         table.add_row("estimated cost", f"${job.cost_estimate_usd:.4f}")
     if job.output:

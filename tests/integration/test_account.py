@@ -15,6 +15,7 @@ import pytest
 
 from lipsync.models import Job, JobStatus
 from producers.devstack import start_redis
+from producers.stats import compute_stats
 from tests.conftest import Workers
 from tests.fixtures.emulator import EmulatorProcess, start_emulator
 from tests.fixtures.isolated import aws_env, settings_from
@@ -132,6 +133,8 @@ def test_locked_account_mid_batch_pauses_submits_and_fails_no_job(stack: Account
         lambda: [j for j in stack.jobs(jobs) if j.waiting_on and "fal account" in j.waiting_on], lock_s, "waiting_on"
     )
     assert waiting and all(j.status is JobStatus.submitting for j in waiting)
+    paused = compute_stats(stack.client.store, 5).waiting_on  # what `lipsync stats` shows
+    assert paused is not None and "fal account" in paused and "locked" in paused.lower()
     assert time.monotonic() - locked_at < lock_s
     ended = stack.wait_ended(jobs)
     assert [j.status for j in ended] == [JobStatus.completed] * len(jobs), [j.error for j in ended]
@@ -141,6 +144,7 @@ def test_locked_account_mid_batch_pauses_submits_and_fails_no_job(stack: Account
     # (at most the admission cap: concurrency hint 2 + buffer 1).
     assert 1 <= refusals <= lock_s / PROBE_S + 3, refusals
     assert all(j.waiting_on is None for j in ended)
+    assert compute_stats(stack.client.store, 5).waiting_on is None
     assert all(j.attempts.get("submit", 0) == 1 for j in ended), [j.attempts for j in ended]
 
 
