@@ -346,11 +346,13 @@ class JobStore:
         """Give our lease back without changing anything else."""
         return self._move(job_id, owner=owner)
 
-    def unschedule(self, job_id: str) -> None:
+    def unschedule(self, job_id: str, *, callback: bool = False) -> None:
+        """Out of both schedules; with `callback`, out of the callbacks to deliver too (a job gone)."""
         pipe = self.redis.pipeline(transaction=False)
         pipe.zrem(self.schedule_key, job_id)
         pipe.zrem(self.waiting_key, job_id)
-        pipe.zrem(self.callbacks_key, job_id)
+        if callback:
+            pipe.zrem(self.callbacks_key, job_id)
         pipe.execute()
 
     def _move(

@@ -64,7 +64,7 @@ def run_step(step: Step, job_id: str, ctx: Context, work: StepFunction) -> None:
     try:
         begun = ctx.store.begin(job_id, owner, seconds, step.handles, working=step.working, counter=step.counter)
     except JobNotFound:
-        ctx.store.unschedule(job_id)
+        ctx.store.unschedule(job_id, callback=True)
         return
     if begun.busy:
         log.info("job %s: %s skipped, another worker holds the job", job_id, step.name)

@@ -100,3 +100,18 @@ def test_output_of_the_announced_size_completes_the_job_once(ctx: Context, outpu
     assert ctx.store.scheduled_at(job.id) is None
     run_step(step("store"), job.id, ctx, store)  # a duplicate message changes nothing
     assert [e["status"] for e in ctx.store.events(job.id)].count("completed") == 1
+
+
+def test_a_duplicate_message_for_a_cancelled_job_keeps_its_callback_due(ctx: Context) -> None:
+    now = time.time()
+    job = Job(
+        id=ctx.store.new_id(), status=JobStatus.queued, request=LipsyncInput(video_url="s3://b/v", audio_url="s3://b/a"),
+        request_digest="d", created_at=now, updated_at=now, deadline_at=now + 600,
+        tenant="acme", callback_url="https://example.com/hook",
+    )  # fmt: skip
+    ctx.store.create(job, dispatch_lease_s=3600)
+    assert ctx.store.cancel(job.id, event="cancelled by the test").applied
+    assert ctx.redis.zscore(ctx.store.callbacks_key, job.id) is not None
+    run_step(step("stage"), job.id, ctx, store)  # the stage message, arriving after the cancel
+    assert ctx.store.scheduled_at(job.id) is None
+    assert ctx.redis.zscore(ctx.store.callbacks_key, job.id) is not None  # the tenant still hears of it
