@@ -37,6 +37,8 @@ QUEUE_PRIORITY_HEADER = "X-Fal-Queue-Priority"
 # it never limits the run itself. fal's docs name this header; fal-client's newest _headers.py
 # sends X-Fal-Request-Start-Timeout for the same SDK argument (start_timeout): the docs win here.
 REQUEST_TIMEOUT_HEADER = "X-Fal-Request-Timeout"
+# On the result of a request fal dropped for it: "user" (it never started; not billed).
+START_TIMEOUT_TYPE_HEADER = "X-Fal-Request-Timeout-Type"
 # "0": fal does not keep the request's JSON payloads (kept 30 days otherwise, for the dashboard's
 # history). Ours hold presigned URLs of the tenant's media, credentials until they expire.
 STORE_IO_HEADER = "X-Fal-Store-IO"

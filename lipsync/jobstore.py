@@ -329,6 +329,14 @@ class JobStore:
             due=repr(due_at), event=event,
         )  # fmt: skip
 
+    def resubmit(self, job_id: str, *, from_: Iterable[JobStatus], clear: Iterable[str], event: str) -> Moved:
+        """fal dropped the job's request unstarted and unbilled (its start timeout): back to `submitting`,
+        due now, its request forgotten (the admission slot is given back as it leaves fal)."""
+        return self._move(
+            job_id, to=JobStatus.submitting, from_=from_, delete=clear, count=["attempts:resubmits"],
+            due=repr(time.time()), event=event,
+        )  # fmt: skip
+
     def note(
         self,
         job_id: str,

@@ -196,3 +196,42 @@ def test_5xx_with_request_id_on_submit_is_reconciled_not_re_posted(stack: Accoun
     assert stack.emulator.counters()["submits"] - submits_before == 2
     first, second = ended.timestamps["submitting"], ended.timestamps["submitted"]
     assert second - first >= START_TIMEOUT_S
+
+
+def test_admission_keeps_only_the_accounts_concurrency_and_a_buffer_at_fal(
+    stack: AccountStack, media: dict[str, str]
+) -> None:
+    # The account runs 2 at once; the stack assumes 2 and keeps a buffer of 1: the rest wait with us.
+    jobs = stack.submit(media, 10)
+    in_queue, in_progress = [], []
+    deadline = time.monotonic() + 150
+    while time.monotonic() < deadline:
+        account = stack.emulator.account(FAL_KEY)
+        in_queue.append(account.get("in_queue", 0))
+        in_progress.append(account.get("in_progress", 0))
+        if all(j.terminal for j in stack.jobs(jobs)):
+            break
+        time.sleep(0.05)
+    ended = stack.jobs(jobs)
+    assert [j.status for j in ended] == [JobStatus.completed] * len(jobs), [j.error for j in ended]
+    assert max(in_queue) <= 2, max(in_queue)  # never more than the account's concurrency waiting at fal
+    assert max(in_progress) == 2  # and the account was kept busy
+
+
+def test_deadline_passing_while_waiting_in_fals_queue_cancels_at_no_cost(
+    stack: AccountStack, media: dict[str, str]
+) -> None:
+    stack.emulator.configure(latency="8")
+    try:
+        started_before = stack.emulator.account(FAL_KEY).get("started", 0)
+        blockers = stack.submit(media, 2)  # they take the account's two runners
+        wait_for(lambda: stack.emulator.account(FAL_KEY).get("in_progress", 0) == 2, 30, "both runners busy")
+        [late] = stack.submit(media, 1, LIPSYNC_JOB_DEADLINE_S="5")
+        [ended] = stack.wait_ended([late], timeout=60)
+        assert stack.emulator.account(FAL_KEY)["started"] - started_before == 2  # it never ran
+        stack.wait_ended(blockers, timeout=60)
+    finally:
+        stack.emulator.configure(latency=str(LATENCY_S))
+    assert ended.status is JobStatus.failed
+    assert ended.error is not None and ended.error.code == "deadline_exceeded"
+    assert "cancelled at no cost" in ended.error.message
