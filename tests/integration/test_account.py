@@ -235,3 +235,70 @@ def test_deadline_passing_while_waiting_in_fals_queue_cancels_at_no_cost(
     assert ended.status is JobStatus.failed
     assert ended.error is not None and ended.error.code == "deadline_exceeded"
     assert "cancelled at no cost" in ended.error.message
+
+
+@pytest.fixture
+def webhook_receiver() -> Iterator[tuple[str, list[tuple[dict[str, str], bytes]]]]:
+    """Where fal (the emulator) delivers webhooks: records each delivery, answers 200."""
+    import http.server
+    import threading
+
+    deliveries: list[tuple[dict[str, str], bytes]] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802
+            body = self.rfile.read(int(self.headers.get("content-length", "0")))
+            deliveries.append(({k.lower(): v for k, v in self.headers.items()}, body))
+            self.send_response(200)
+            self.send_header("content-length", "0")
+            self.end_headers()
+
+        def log_message(self, *_: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1/fal/webhook", deliveries
+    server.shutdown()
+    server.server_close()
+
+
+def test_verified_webhook_adopts_the_request_of_a_lost_submit_answer(
+    stack: AccountStack, webhook_receiver: tuple[str, list[tuple[dict[str, str], bytes]]]
+) -> None:
+    from lipsync.fal import FalQueueClient
+    from lipsync.falhooks import JwksCache
+    from lipsync.jobstore import JobStore
+    from lipsync.models import LipsyncInput, MediaInfo
+    from producers.gateway.falhook import FalWebhooks
+
+    url, deliveries = webhook_receiver
+    settings = settings_from({**stack.env, "LIPSYNC_KEY_PREFIX": f"adopt{uuid.uuid4().hex[:6]}"})
+    store = JobStore(stack.client.store.redis, settings.key_prefix)  # the stack's workers do not watch it
+    now = time.time()
+    media = MediaInfo(staging_key="staging/x", sha256="0" * 64, size=1, container="mp4", duration=3.0)
+    job = Job(
+        id=store.new_id(), status=JobStatus.queued, request=LipsyncInput(video_url="s3://b/v", audio_url="s3://b/a"),
+        request_digest="d", created_at=now, updated_at=now, deadline_at=now + 600,
+        inputs={"video": media, "audio": media},
+    )  # fmt: skip
+    store.create(job, dispatch_lease_s=3600)
+    store.advance(job.id, JobStatus.submitting, from_=[JobStatus.queued], due_at=now + 3600)
+    store.note(job.id, raw={"submit_claimed_at": repr(now)})  # the POST went out; its answer was lost
+    fal = FalQueueClient.from_settings(settings)
+    request = fal.submit(
+        {"video_url": f"{stack.emulator.url}/_samples/none.mp4", "audio_url": f"{stack.emulator.url}/_samples/a.wav"},
+        marker=job.id,
+        webhook_url=f"{url}/{job.id}",
+    )
+    headers, body = wait_for(lambda: deliveries and deliveries[0], 60, "fal's webhook")
+    sent: list[tuple[str, str]] = []
+    jwks = JwksCache(f"{stack.emulator.url}/.well-known/jwks.json")
+    webhooks = FalWebhooks(settings, store, fal, jwks, lambda *message: sent.append(message))
+    outcome = webhooks.handle(job.id, headers, body)
+    adopted = store.get(job.id)
+    assert outcome == "accepted"
+    assert adopted.fal is not None and adopted.fal.request_id == request.request_id
+    assert adopted.status in (JobStatus.storing, JobStatus.failed)  # moved on as a poll would move it
+    assert any("adopted fal request" in e.get("event", "") for e in store.events(job.id))
+    fal.close()
