@@ -337,6 +337,15 @@ class JobStore:
             due=repr(time.time()), event=event,
         )  # fmt: skip
 
+    def store_again(
+        self, job_id: str, *, from_: Iterable[JobStatus], fields: Mapping[str, Any], clear: Iterable[str], event: str
+    ) -> Moved:
+        """A retry of a job whose fal result is known and still kept: back to `storing`, fal's request kept."""
+        return self._move(
+            job_id, to=JobStatus.storing, from_=from_, fields=fields, delete=clear, count=["attempts:retries"],
+            due=repr(time.time() + 60), event=event,
+        )  # fmt: skip
+
     def note(
         self,
         job_id: str,

@@ -302,3 +302,63 @@ def test_verified_webhook_adopts_the_request_of_a_lost_submit_answer(
     assert adopted.status in (JobStatus.storing, JobStatus.failed)  # moved on as a poll would move it
     assert any("adopted fal request" in e.get("event", "") for e in store.events(job.id))
     fal.close()
+
+
+@pytest.fixture
+def output_server(media: dict[str, str]) -> Iterator[tuple[str, int]]:
+    """fal's CDN, serving one output video; yields its URL and its size."""
+    import http.server
+    import threading
+
+    body = Path(media["video_3s"]).read_bytes()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            self.send_response(200)
+            self.send_header("Content-Type", "video/mp4")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *_: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/out.mp4", len(body)
+    server.shutdown()
+    server.server_close()
+
+
+def test_retry_of_a_job_whose_result_fal_still_keeps_stores_it_and_pays_nothing(
+    stack: AccountStack, output_server: tuple[str, int]
+) -> None:
+    from lipsync.models import FalRequest, File, JobError, LipsyncInput, MediaInfo
+
+    store = stack.client.store
+    now = time.time()
+    url, size = output_server
+    media = MediaInfo(staging_key="staging/none", sha256="0" * 64, size=1, container="mp4", duration=3.0)
+    fal = FalRequest(
+        request_id="req-kept", status_url="http://x/s", response_url="http://x/r", cancel_url="http://x/c",
+        output=File(url=url, content_type="video/mp4", file_name="out.mp4", file_size=size),
+    )  # fmt: skip
+    job = Job(
+        id=store.new_id(), status=JobStatus.queued, request=LipsyncInput(video_url="s3://b/v", audio_url="s3://b/a"),
+        request_digest="d", created_at=now, updated_at=now, deadline_at=now + 600,
+        inputs={"video": media, "audio": media},
+    )  # fmt: skip
+    store.create(job, dispatch_lease_s=3600)
+    fields = {
+        "fal": fal.model_dump(mode="json"),
+        "inputs": {k: v.model_dump(mode="json") for k, v in job.inputs.items()},
+    }
+    store.advance(job.id, JobStatus.storing, from_=[JobStatus.queued], fields=fields, due_at=None)
+    error = JobError(code="s3_unavailable", message="gave up on store after 9 attempts: S3 away", stage="store")
+    store.fail(job.id, error)  # S3 was away when fal's result was stored; fal still keeps the result
+    created_before = stack.emulator.counters()["created"]
+    stack.client.retry(job.id)
+    [ended] = stack.wait_ended([job], timeout=60)
+    assert ended.status is JobStatus.completed, ended.error
+    assert ended.fal is not None and ended.fal.request_id == "req-kept"
+    assert stack.emulator.counters()["created"] == created_before  # nothing paid again
