@@ -60,6 +60,10 @@ class Settings(BaseSettings):
     fal_queue_buffer: int = 4
     # The concurrency assumed before any has been observed (fal plans run 2-40 at once).
     fal_concurrency_hint: int = 10
+    # Weighted-fair admission across tenants: a tenant's share of free slots is its weight over the
+    # weights of the tenants with jobs waiting (a tenant not named weighs 1). JSON, e.g.
+    # LIPSYNC_TENANT_WEIGHTS='{"acme": 3, "globex": 1}'. Priorities (high/normal/low) come first.
+    tenant_weights: dict[str, float] = Field(default_factory=dict)
     # A running request is not cancelled by the job's deadline (it is being paid for already),
     # only by an explicit cancel or by this generous bound on its time at fal.
     max_run_s: float = 6 * 3600.0

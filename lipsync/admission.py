@@ -11,12 +11,14 @@ releases a slot by hand.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import redis
 
 from lipsync.jobstore import load_script
 from lipsync.keys import Keys
+from lipsync.models import Priority
 
 
 @dataclass(frozen=True)
@@ -27,6 +29,8 @@ class Admission:
     claimed_before: bool = False
     # With a claim: the job moved on or has its request already; nothing was taken.
     refused: bool = False
+    # Not admitted: the free slot went to this job, first in the fair order; the caller wakes it.
+    wake: str | None = None
 
 
 class AdmissionControl:
@@ -39,6 +43,7 @@ class AdmissionControl:
         submits_per_second: float,
         queue_buffer: int = 0,
         concurrency_hint: int = 10,
+        tenant_weights: Mapping[str, float] | None = None,
     ) -> None:
         self.redis = client
         self.keys = keys = Keys(prefix)
@@ -48,13 +53,23 @@ class AdmissionControl:
         self.submits_per_second = submits_per_second
         self.queue_buffer = queue_buffer
         self.concurrency_hint = concurrency_hint
+        self.tenant_weights = " ".join(f"{name} {weight:g}" for name, weight in (tenant_weights or {}).items())
         self._admit = load_script(client, "admit")
 
-    def admit(self, job_id: str, *, claim: str | None = None, status: str = "submitting") -> Admission:
+    def admit(
+        self,
+        job_id: str,
+        *,
+        claim: str | None = None,
+        status: str = "submitting",
+        priority: Priority = Priority.normal,
+        tenant: str | None = None,
+    ) -> Admission:
         """Take a slot for the job (or find it already holds one); else how long to wait.
 
         With `claim`, the job's submit claim (that field, set to now) is written in the same
-        call, provided the job is in `status`, has no claim and no fal request yet.
+        call, provided the job is in `status`, has no claim and no fal request yet; and the job
+        waits its turn in the fair queue (strict by priority, weighted-fair across tenants).
         """
         code, retry_after = self._admit(
             keys=[
@@ -74,9 +89,17 @@ class AdmissionControl:
                 status,
                 self.queue_buffer,
                 self.concurrency_hint,
+                self.keys.pending_prefix,
+                self.keys.job(""),
+                priority.value,
+                tenant or "",
+                self.tenant_weights,
             ],
         )
         code = int(code)
+        if code == 2:
+            wake = retry_after.decode() if isinstance(retry_after, bytes) else str(retry_after)
+            return Admission(False, 1.0, wake=wake)
         if code < 0:
             return Admission(False, 0.0, claimed_before=code == -1, refused=code == -2)
         return Admission(code == 1, float(retry_after))

@@ -31,7 +31,7 @@ from lipsync.models import AT_FAL_STATUSES, TERMINAL_STATUSES, Job, JobError, Jo
 _JSON_FIELDS = (
     "request", "idempotency_key", "request_digest", "batch_id", "metadata", "inputs", "fal",
     "logs", "output", "error", "cost_estimate_usd", "expected_duration", "created_at",
-    "updated_at", "deadline_at", "tenant", "callback_url", "fal_priority", "waiting_on",
+    "updated_at", "deadline_at", "tenant", "callback_url", "fal_priority", "waiting_on", "priority",
 )  # fmt: skip
 
 FINISHED_KEPT_S = 7 * 24 * 3600.0

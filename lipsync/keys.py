@@ -68,6 +68,13 @@ class Keys:
         return f"{self.prefix}:inflight"
 
     @property
+    def pending_prefix(self) -> str:
+        """The fair queue of jobs waiting for a slot (lua/admit.lua): `<this><priority>:<tenant>` zsets
+        of job ids by arrival, `<this><priority>` the tenants with jobs waiting by virtual time,
+        `<this>vt` a tenant's virtual time while it has none waiting."""
+        return f"{self.prefix}:pending:"
+
+    @property
     def submit_rate(self) -> str:
         return f"{self.prefix}:submit-rate"
 

@@ -54,6 +54,7 @@ def build_context(settings: Settings, send: Sender | None = None) -> Context:
             submits_per_second=settings.submits_per_second,
             queue_buffer=settings.fal_queue_buffer,
             concurrency_hint=settings.fal_concurrency_hint,
+            tenant_weights=settings.tenant_weights,
         ),
         storage=Storage(settings),
         fetcher=GuardedFetcher.from_settings(settings),

@@ -18,7 +18,7 @@ from lipsync.account import AccountState
 from lipsync.errors import PermanentError, RetryableError
 from lipsync.fal import AccountRefused, SubmitOutcomeUnknown
 from lipsync.lifecycle import Advance, Outcome, Wait
-from lipsync.models import FalRequest, Job, JobStatus
+from lipsync.models import FalPriority, FalRequest, Job, JobStatus, Priority
 from workers import reconcile
 from workers.context import Context
 from workers.reconcile import adopted
@@ -43,11 +43,18 @@ def submit(job: Job, ctx: Context, lease: Lease) -> Outcome:
     if pause > 0 and account is not None:
         return _wait_on_account(job, account.waiting_on, pause)
     # The slot and the claim are taken in one call, before the POST.
-    admission = ctx.admission.admit(job.id, claim=CLAIM_FIELD, status=JobStatus.submitting.value)
+    admission = ctx.admission.admit(
+        job.id, claim=CLAIM_FIELD, status=JobStatus.submitting.value, priority=job.priority, tenant=job.tenant
+    )
     if admission.claimed_before:
         return reconcile.lost_submit(job, ctx)
     if admission.refused:
         return None  # cancelled meanwhile: nothing to send
+    if admission.wake is not None:  # the slot went to the job whose turn it is: wake it now
+        try:
+            ctx.send("submit", admission.wake)
+        except Exception as exc:  # its schedule entry wakes it a little later
+            log.warning("job %s: could not wake %s: %s", job.id, admission.wake, exc)
     if not admission.admitted:
         return Wait(max(0.05, admission.retry_after))
     video, audio = job.inputs["video"], job.inputs["audio"]
@@ -63,7 +70,7 @@ def submit(job: Job, ctx: Context, lease: Lease) -> Outcome:
             arguments,
             marker=job.id,
             webhook_url=webhook,
-            priority=job.fal_priority,
+            priority=job.fal_priority or (FalPriority.low if job.priority is Priority.low else None),
             start_timeout_s=reconcile.start_timeout(job, settings, time.time()),
         )
     except AccountRefused as exc:
