@@ -58,7 +58,8 @@ class Settings(BaseSettings):
     # concurrency (requests seen IN_PROGRESS while others wait IN_QUEUE) + this buffer, which covers
     # a submit's round trip; `max_in_flight` stays the ceiling. 0 turns the adaptation off.
     fal_queue_buffer: int = 4
-    # The concurrency assumed before any has been observed (fal plans run 2-40 at once).
+    # The concurrency assumed before any has been observed (fal plans run 2-40 at once): set it to
+    # your plan's, so a cold start fills the account at once.
     fal_concurrency_hint: int = 10
     # Weighted-fair admission across tenants: a tenant's share of free slots is its weight over the
     # weights of the tenants with jobs waiting (a tenant not named weighs 1). JSON, e.g.
@@ -72,8 +73,9 @@ class Settings(BaseSettings):
     fal_account_probe_s: float = 5.0
     fal_account_probe_max_s: float = 60.0
     # fal's REST API, for its request listing (GET /v1/models/requests/by-endpoint), which finds
-    # the request of a submit whose answer was lost. The emulator serves it on its own host.
-    fal_api_url: str = "https://api.fal.ai"
+    # the request of a submit whose answer was lost. Empty: https://api.fal.ai with fal's own queue,
+    # else the queue URL's host (the emulator serves the listing there).
+    fal_api_url: str = ""
     # A request not in the listing counts as absent only once its start timeout has passed (fal
     # may list only ended requests) plus this margin; then the job is submitted again.
     fal_listing_grace_s: float = 10.0

@@ -25,6 +25,8 @@ from lipsync.models import FalLog, FalPriority, FalRequest
 _RETRY_STATUS = frozenset({408, 409, 429})
 _INGRESS_STATUS = frozenset({502, 503, 504})
 MARKER_HEADER = "X-Lipsync-Job-Id"
+# fal's REST API (Platform APIs): its request listing finds the request of a lost submit answer.
+FAL_API_URL = "https://api.fal.ai"
 
 # fal's platform headers (fal-client's projects/fal_client/src/fal_client/_headers.py for names and
 # values; fal docs "Platform Headers", documentation/model-apis/common-parameters, and "Data
@@ -256,6 +258,17 @@ class FalQueueClient:
         return FalRequest(
             request_id=request_id, status_url=f"{base}/status", response_url=base, cancel_url=f"{base}/cancel"
         )
+
+    @staticmethod
+    def listing_url(settings: Settings) -> str:
+        """Where fal's request listing is: the setting; else fal's REST API for fal's own queue, else the
+        queue's host (the emulator), so a local stack never asks the real fal."""
+        if settings.fal_api_url:
+            return settings.fal_api_url.rstrip("/")
+        queue = httpx.URL(settings.fal_queue_url)
+        if queue.host == "queue.fal.run":
+            return FAL_API_URL
+        return f"{queue.scheme}://{queue.netloc.decode()}"
 
     def list_requests(self, api_url: str, *, since: float, request_id: str | None = None) -> list[dict[str, Any]]:
         """fal's request listing (`GET /v1/models/requests/by-endpoint`, with inputs), newest first,

@@ -21,6 +21,7 @@ from typing import Any
 
 from config.settings import Settings
 from lipsync.errors import RetryableError
+from lipsync.fal import FalQueueClient
 from lipsync.lifecycle import Advance, Fail, Outcome, Wait, backoff
 from lipsync.models import FalRequest, Job, JobError, JobStatus
 from workers.context import Context
@@ -66,7 +67,7 @@ def find_request(job: Job, ctx: Context, since: float) -> str | None:
     fingerprint = ctx.store.raw_field(job.id, INPUT_FIELD)
     if fingerprint is None:  # the POST never went out (its fingerprint is saved first)
         return None
-    for item in ctx.fal.list_requests(ctx.settings.fal_api_url, since=since):
+    for item in ctx.fal.list_requests(FalQueueClient.listing_url(ctx.settings), since=since):
         arguments = item.get("json_input")
         if isinstance(arguments, str):
             with contextlib.suppress(ValueError):

@@ -85,7 +85,6 @@ def stack(s3_server: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
             "LIPSYNC_REDIS_URL": redis_server.url,
             "LIPSYNC_BROKER_URL": redis_server.url,
             "LIPSYNC_FAL_QUEUE_URL": emulator.url,
-            "LIPSYNC_FAL_API_URL": emulator.url,
             "FAL_KEY": FAL_KEY,
             "LIPSYNC_ALLOW_PRIVATE_URLS": "127.0.0.1,localhost",
             "LIPSYNC_POLL_INITIAL_S": "0.3",
@@ -203,7 +202,8 @@ def test_5xx_with_request_id_on_submit_is_reconciled_not_re_posted(stack: Accoun
 def test_admission_keeps_only_the_accounts_concurrency_and_a_buffer_at_fal(
     stack: AccountStack, media: dict[str, str]
 ) -> None:
-    # The account runs 2 at once; the stack assumes 2 and keeps a buffer of 1: the rest wait with us.
+    # The account runs 2 at once; the stack assumes 2 and keeps a buffer of 1: the rest wait with us
+    # (issue 12's target: waiting at fal at most twice the account's concurrency at every sample).
     jobs = stack.submit(media, 10)
     in_queue, in_progress = [], []
     deadline = time.monotonic() + 150
@@ -216,7 +216,7 @@ def test_admission_keeps_only_the_accounts_concurrency_and_a_buffer_at_fal(
         time.sleep(0.05)
     ended = stack.jobs(jobs)
     assert [j.status for j in ended] == [JobStatus.completed] * len(jobs), [j.error for j in ended]
-    assert max(in_queue) <= 2, max(in_queue)  # never more than the account's concurrency waiting at fal
+    assert max(in_queue) <= 4, max(in_queue)  # waiting at fal: at most twice the account's concurrency
     assert max(in_progress) == 2  # and the account was kept busy
 
 
