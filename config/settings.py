@@ -54,9 +54,9 @@ class Settings(BaseSettings):
     presign_ttl_s: int = 6 * 3600
     max_in_flight: int = 10_000
     submits_per_second: float = 20.0
-    # Adaptive admission (lipsync/admission.py): jobs kept at fal = the account's observed
-    # concurrency (requests seen IN_PROGRESS while others wait IN_QUEUE) + this buffer, which covers
-    # a submit's round trip; `max_in_flight` stays the ceiling. 0 turns the adaptation off.
+    # Adaptive admission (lipsync/lua/admit.lua): jobs kept at fal = the account's concurrency (the
+    # hint below, raised to the most requests seen IN_PROGRESS at once while none waited IN_QUEUE)
+    # + this buffer, which covers a submit's round trip; `max_in_flight` stays the ceiling. 0 = off.
     fal_queue_buffer: int = 4
     # The concurrency assumed before any has been observed (fal plans run 2-40 at once): set it to
     # your plan's, so a cold start fills the account at once.

@@ -73,6 +73,11 @@ class AccountBreaker:
             return 0.0, state
         return state.interval * random.uniform(0.5, 1.0), state
 
+    def release_probe(self) -> None:
+        """The probe's holder could not send (no slot, or the slot went to the job whose turn it is):
+        the next job woken may probe at once instead of a whole interval later."""
+        self.redis.delete(self.keys.fal_account_probe)
+
     def refused(self, reason: str) -> float:
         """fal refused a submit for the account: open the breaker (or back the probe off); returns
         how long the refused job waits."""

@@ -91,7 +91,8 @@ class Keys:
 
     @property
     def fal_concurrency(self) -> str:
-        """The account's observed concurrency (requests IN_PROGRESS while others wait IN_QUEUE)."""
+        """The account's concurrency as admission knows it: the hint, raised to the most requests seen
+        IN_PROGRESS at once while none waited IN_QUEUE."""
         return f"{self.prefix}:fal-concurrency"
 
     @property

@@ -46,6 +46,8 @@ def submit(job: Job, ctx: Context, lease: Lease) -> Outcome:
     admission = ctx.admission.admit(
         job.id, claim=CLAIM_FIELD, status=JobStatus.submitting.value, priority=job.priority, tenant=job.tenant
     )
+    if account is not None and not admission.admitted:
+        ctx.account.release_probe()  # e.g. the slot went to the job whose turn it is: it probes now
     if admission.claimed_before:
         return reconcile.lost_submit(job, ctx)
     if admission.refused:

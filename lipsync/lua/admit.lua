@@ -30,8 +30,8 @@
 -- with jobs waiting: strict across priorities, weighted-fair across tenants, first come first
 -- served within a tenant. If that job is not the caller, the slot is reserved for it (it joins the
 -- inflight set) and its id is returned for the caller to wake.
--- Adaptive cap: the account's concurrency is observed as the jobs IN_PROGRESS while others wait
--- IN_QUEUE (fal is full); while none waits it may be up to twice the jobs IN_PROGRESS. At most that plus
+-- Adaptive cap: the account's concurrency is the hint (the plan's), raised to the most jobs seen
+-- IN_PROGRESS at once while none waited IN_QUEUE at fal. At most that plus
 -- the buffer are kept at fal; the rest wait with us, where a cancel is free and order can change.
 -- Returns {1, '0'} admitted (and claimed); {0, seconds to wait}; {2, job id} the slot went to
 -- that job (wake it), the caller waits; {-1, ''} an earlier submit
@@ -58,10 +58,9 @@ if buffer > 0 then
   local running, queued = redis.call('SCARD', KEYS[4]), redis.call('SCARD', KEYS[5])
   local observed = tonumber(redis.call('GET', KEYS[6]) or ARGV[8])
   local seen = observed
-  -- fal full (jobs seen waiting there): its concurrency is what runs. Not full: it may run more
-  -- than seen so far, so grow towards twice what runs (a slow start; the queue it may build at fal
-  -- stays under the account's concurrency, and the next IN_QUEUE seen brings it back).
-  if queued > 0 then seen = math.max(1, running) elseif 2 * running > observed then seen = 2 * running end
+  -- Learned upwards only, while fal is not full (no job seen waiting there): status checks come
+  -- when a job could be done, so jobs IN_PROGRESS are undercounted and cannot lower it safely.
+  if queued == 0 and running > observed then seen = running end
   if seen ~= observed then redis.call('SET', KEYS[6], seen) end
   cap = math.min(cap, seen + buffer)
 end
