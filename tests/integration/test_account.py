@@ -137,6 +137,9 @@ def test_locked_account_mid_batch_pauses_submits_and_fails_no_job(stack: Account
     paused = compute_stats(stack.client.store, 5).waiting_on  # what `lipsync stats` shows
     assert paused is not None and "fal account" in paused and "locked" in paused.lower()
     assert time.monotonic() - locked_at < lock_s
+    created_in_lock = stack.emulator.account(FAL_KEY)["created"]
+    time.sleep(max(0.0, locked_at + lock_s - time.monotonic()))  # the lock ends (a top-up)
+    wait_for(lambda: stack.emulator.account(FAL_KEY)["created"] > created_in_lock, PROBE_MAX_S + 3, "work resumes")
     ended = stack.wait_ended(jobs)
     assert [j.status for j in ended] == [JobStatus.completed] * len(jobs), [j.error for j in ended]
     assert set(requests_per_job(stack, jobs).values()) == {1}
