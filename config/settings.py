@@ -79,6 +79,10 @@ class Settings(BaseSettings):
     # A request not in the listing counts as absent only once its start timeout has passed (fal
     # may list only ended requests) plus this margin; then the job is submitted again.
     fal_listing_grace_s: float = 10.0
+    # Whether fal's listing shows requests not ended yet. fal's docs do not say, so with fal's own API
+    # (None = auto) absence is confirmed only after the start timeout; the emulator lists them (its
+    # default), so there "not listed" after `fal_listing_grace_s` is absent.
+    fal_listing_lists_unfinished: bool | None = None
 
     # Polling: exponential backoff with jitter, claimed under a short lease.
     poll_initial_s: float = 1.0

@@ -270,6 +270,12 @@ class FalQueueClient:
             return FAL_API_URL
         return f"{queue.scheme}://{queue.netloc.decode()}"
 
+    @staticmethod
+    def listing_lists_unfinished(settings: Settings) -> bool:
+        if settings.fal_listing_lists_unfinished is not None:
+            return settings.fal_listing_lists_unfinished
+        return FalQueueClient.listing_url(settings) != FAL_API_URL
+
     def list_requests(self, api_url: str, *, since: float, request_id: str | None = None) -> list[dict[str, Any]]:
         """fal's request listing (`GET /v1/models/requests/by-endpoint`, with inputs), newest first,
         for requests sent since `since`; every page. Raises RetryableError when it cannot be read."""

@@ -8,6 +8,7 @@ staging keys are content-addressed, so two jobs of the same media share them.
 "Not listed" confirms absence only after the request's start timeout (sent as X-Fal-Request-Timeout)
 has passed, plus a margin: fal's docs do not say whether requests not ended yet are listed, but a
 request not started by then was dropped by fal unbilled, and one that started has ended or is listed.
+Where the listing is known to show unfinished requests (the emulator), the margin alone suffices.
 """
 
 from __future__ import annotations
@@ -93,7 +94,12 @@ def lost_submit(job: Job, ctx: Context) -> Outcome:
         event = f"reconciled: fal's listing shows request {request_id} for the lost submit; adopted"
         return adopted(job, ctx, ctx.fal.request_urls(request_id), event=event)
     now = time.time()
-    absent_from = claimed_at + start_timeout(job, settings, claimed_at) + settings.fal_listing_grace_s
+    if ctx.store.raw_field(job.id, INPUT_FIELD) is None:
+        absent_from = now  # its fingerprint is saved before the POST: without it, nothing was sent
+    elif FalQueueClient.listing_lists_unfinished(settings):
+        absent_from = claimed_at + settings.fal_listing_grace_s
+    else:
+        absent_from = claimed_at + start_timeout(job, settings, claimed_at) + settings.fal_listing_grace_s
     if now < absent_from:
         wait = min(absent_from - now, backoff(tries, 1.0, 10.0))
         note = None if tries > 1 else "reconciling a lost submit answer: not in fal's listing yet; looking again"

@@ -101,6 +101,8 @@ def stack(s3_server: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
             "LIPSYNC_FAL_QUEUE_BUFFER": "1",
             "LIPSYNC_FAL_START_TIMEOUT_S": str(START_TIMEOUT_S),
             "LIPSYNC_FAL_LISTING_GRACE_S": "1",
+            # As with fal's own listing: "not listed" proves nothing until the start timeout passed.
+            "LIPSYNC_FAL_LISTING_LISTS_UNFINISHED": "false",
         }
         settings = settings_from(env)
         with aws_env(env):
