@@ -4,6 +4,9 @@ settings differ from the session's), the session's S3 server."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -11,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from lipsync.models import Job, JobStatus
@@ -392,3 +396,79 @@ def test_a_big_batch_does_not_hold_back_another_tenants_job_nor_a_high_priority_
     # without the fair queue they wait for a random share of the batch's 13 or so waiting jobs.
     assert batch_jobs_sent_while_waiting(urgent) <= 2
     assert batch_jobs_sent_while_waiting(single) <= 3
+
+
+@pytest.fixture
+def media_server(media: dict[str, str]) -> Iterator[str]:
+    """A tenant's media host: serves the sample files by name."""
+    import http.server
+    import threading
+
+    files = {f"/{name}": Path(path) for name, path in media.items()}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            found = files.get(self.path)
+            if found is None:
+                self.send_response(404)
+                self.end_headers()
+                return
+            body = found.read_bytes()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *_: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_tenant_fairness_through_the_gateway(stack: AccountStack, media_server: str, tmp_path: Path) -> None:
+    from lipsync.tenants import TenantStore
+    from producers.devstack import free_port, stop_process, wait_for_port
+
+    tenants = TenantStore(stack.client.store.redis, stack.env["LIPSYNC_KEY_PREFIX"])
+    suffix = uuid.uuid4().hex[:6]
+    keys = {name: tenants.add(f"{name}-{suffix}").api_key.get_secret_value() for name in ("big", "small")}
+    port = free_port()
+    env = {**stack.env, "LIPSYNC_METRICS_PORT": "0", "LIPSYNC_GATEWAY_RATE_LIMIT_PER_S": "100"}
+
+    gateway = subprocess.Popen(
+        [sys.executable, "-m", "producers.cli", "serve", "--port", str(port), "--log-level", "warning"],
+        env={**os.environ, **env}, stdout=(tmp_path / "gateway.log").open("ab"), stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        wait_for_port(port, timeout=30, process=gateway)
+        body = {"video_url": f"{media_server}/video_3s", "audio_url": f"{media_server}/audio_3s"}
+
+        def post(tenant: str) -> str:
+            response = httpx.post(
+                f"http://127.0.0.1:{port}/v1/jobs", json=body, headers={"Authorization": f"Bearer {keys[tenant]}"}
+            )
+            assert response.status_code == 202, response.text
+            return str(response.json()["id"])
+
+        batch = [post("big") for _ in range(16)]
+        wait_for(lambda: sum(j.fal is not None for j in stack.client.store.get_many(batch)) >= 3, 60, "batch at fal")
+        single = post("small")
+        ids = [*batch, single]
+
+        def all_ended() -> list[Job] | None:
+            found = stack.client.store.get_many(ids)
+            return found if all(j.terminal for j in found) else None
+
+        ended: list[Job] = wait_for(all_ended, 180, "jobs end")
+    finally:
+        stop_process(gateway, timeout=20)
+    by_id = {j.id: j for j in ended}
+    assert all(j.status is JobStatus.completed for j in ended), [j.error for j in ended]
+    assert by_id[single].tenant == f"small-{suffix}"
+    waited_from, sent_at = by_id[single].timestamps["submitting"], by_id[single].timestamps["submitted"]
+    # The next free slots are shared: the big batch's 13 or so waiting jobs do not all go first.
+    assert sum(waited_from < by_id[j].timestamps["submitted"] < sent_at for j in batch) <= 3
