@@ -89,6 +89,10 @@ class Keys:
         """The one probe submit allowed per interval while the breaker is open (SET NX PX)."""
         return f"{self.prefix}:fal-account:probe"
 
+    def fal_request_owner(self, request_id: str) -> str:
+        """Which job a fal request belongs to (a day): a reconciled job never adopts another's request."""
+        return f"{self.prefix}:fal-request:{request_id}"
+
     @property
     def fal_concurrency(self) -> str:
         """The account's concurrency as admission knows it: the hint, raised to the most requests seen

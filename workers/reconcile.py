@@ -33,10 +33,23 @@ CLAIM_FIELD = "submit_claimed_at"
 INPUT_FIELD = "submit_input"
 
 
+OWNER_KEPT_S = 24 * 3600
+
+
 def input_fingerprint(arguments: dict[str, Any]) -> str:
-    """The presigned input URLs of one POST (unique to it: each carries its own signature), hashed."""
-    sent = f"{arguments.get('video_url')}\n{arguments.get('audio_url')}"
+    """One POST's whole input, hashed: the presigned URLs carry their own signature, but two jobs of
+    the same media presigned within a second share them, so every option counts too."""
+    sent = json.dumps(arguments, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(sent.encode()).hexdigest()[:32]
+
+
+def own_request(ctx: Context, job_id: str, request_id: str) -> bool:
+    """Record that the request is this job's; False if another job holds it already."""
+    key = ctx.store.keys.fal_request_owner(request_id)
+    if ctx.redis.set(key, job_id, nx=True, ex=OWNER_KEPT_S):
+        return True
+    owner = ctx.redis.get(key)
+    return owner is not None and owner.decode() == job_id
 
 
 def start_timeout(job: Job, settings: Settings, at: float) -> float:
@@ -73,7 +86,13 @@ def find_request(job: Job, ctx: Context, since: float) -> str | None:
         if isinstance(arguments, str):
             with contextlib.suppress(ValueError):
                 arguments = json.loads(arguments)
-        if isinstance(arguments, dict) and input_fingerprint(arguments) == fingerprint:
+        # The same input twice (two jobs of the same media and options, presigned in the same
+        # second): each job adopts a request of its own.
+        if (
+            isinstance(arguments, dict)
+            and input_fingerprint(arguments) == fingerprint
+            and own_request(ctx, job.id, str(item["request_id"]))
+        ):
             return str(item["request_id"])
     return None
 

@@ -92,6 +92,7 @@ def submit(job: Job, ctx: Context, lease: Lease) -> Outcome:
         raise
     if account is not None:  # this submit was the probe, and fal took it
         ctx.account.accepted()
+    reconcile.own_request(ctx, job.id, request.request_id)  # no lost answer of the same input adopts it
     return adopted(job, ctx, request, event=f"submitted to fal as {request.request_id}")
 
 

@@ -472,3 +472,25 @@ def test_tenant_fairness_through_the_gateway(stack: AccountStack, media_server: 
     waited_from, sent_at = by_id[single].timestamps["submitting"], by_id[single].timestamps["submitted"]
     # The next free slots are shared: the big batch's 13 or so waiting jobs do not all go first.
     assert sum(waited_from < by_id[j].timestamps["submitted"] < sent_at for j in batch) <= 3
+
+
+def test_lost_answers_of_two_jobs_of_the_same_media_each_adopt_their_own_request(
+    stack: AccountStack, media: dict[str, str]
+) -> None:
+    # Same media (same staging keys, presigned alike within a second), different options: each job
+    # must adopt the request its own POST made, never the other's.
+    stack.emulator.set_faults(drop_submit="once:4")
+    try:
+        jobs = [
+            stack.client.submit(media["video_3s"], media["audio_5s"], sync_mode=mode)
+            for mode in ("cut_off", "loop", "cut_off", "loop")
+        ]
+        ended = stack.wait_ended(jobs, timeout=120)
+    finally:
+        stack.emulator.clear_faults()
+    assert [j.status for j in ended] == [JobStatus.completed] * 4, [j.error for j in ended]
+    assert len({j.fal.request_id for j in ended if j.fal}) == 4  # four requests, one each
+    assert set(requests_per_job(stack, jobs).values()) == {1}
+    for job in ended:
+        expected = 3.0 if job.request.effective_sync_mode.value == "cut_off" else 5.0
+        assert job.output is not None and abs((job.output.duration or 0) - expected) <= 0.05, job.output
