@@ -38,6 +38,7 @@ BUCKET = "lipsync-bench"
 PIPELINE_ENV = {
     "LIPSYNC_SUBMITS_PER_SECOND": "100000",
     "LIPSYNC_MAX_IN_FLIGHT": "1000000",
+    "LIPSYNC_FAL_QUEUE_BUFFER": "0",  # no adaptive admission: this emulator's account has no limit
 }
 
 

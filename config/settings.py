@@ -54,6 +54,35 @@ class Settings(BaseSettings):
     presign_ttl_s: int = 6 * 3600
     max_in_flight: int = 10_000
     submits_per_second: float = 20.0
+    # Adaptive admission (lipsync/lua/admit.lua): jobs kept at fal = the account's concurrency (the
+    # hint below, raised to the most requests seen IN_PROGRESS at once while none waited IN_QUEUE)
+    # + this buffer, which covers a submit's round trip; `max_in_flight` stays the ceiling. 0 = off.
+    fal_queue_buffer: int = 4
+    # The concurrency assumed before any has been observed (fal plans run 2-40 at once): set it to
+    # your plan's, so a cold start fills the account at once.
+    fal_concurrency_hint: int = 10
+    # Weighted-fair admission across tenants: a tenant's share of free slots is its weight over the
+    # weights of the tenants with jobs waiting (a tenant not named weighs 1). JSON, e.g.
+    # LIPSYNC_TENANT_WEIGHTS='{"acme": 3, "globex": 1}'. Priorities (high/normal/low) come first.
+    tenant_weights: dict[str, float] = Field(default_factory=dict)
+    # A running request is not cancelled by the job's deadline (it is being paid for already),
+    # only by an explicit cancel or by this generous bound on its time at fal.
+    max_run_s: float = 6 * 3600.0
+    # A locked account (403 "User is locked") or refused key (401): submits pause, and one probe
+    # submit is let through after this interval, doubling up to the max while fal still refuses.
+    fal_account_probe_s: float = 5.0
+    fal_account_probe_max_s: float = 60.0
+    # fal's REST API, for its request listing (GET /v1/models/requests/by-endpoint), which finds
+    # the request of a submit whose answer was lost. Empty: https://api.fal.ai with fal's own queue,
+    # else the queue URL's host (the emulator serves the listing there).
+    fal_api_url: str = ""
+    # A request not in the listing counts as absent only once its start timeout has passed (fal
+    # may list only ended requests) plus this margin; then the job is submitted again.
+    fal_listing_grace_s: float = 10.0
+    # Whether fal's listing shows requests not ended yet. fal's docs do not say, so with fal's own API
+    # (None = auto) absence is confirmed only after the start timeout; the emulator lists them (its
+    # default), so there "not listed" after `fal_listing_grace_s` is absent.
+    fal_listing_lists_unfinished: bool | None = None
 
     # Polling: exponential backoff with jitter, claimed under a short lease.
     poll_initial_s: float = 1.0
@@ -109,7 +138,8 @@ class Settings(BaseSettings):
     # `Priority`); unset sends no header (fal's default, normal).
     fal_queue_priority: Literal["normal", "low"] | None = None
     # X-Fal-Request-Timeout: seconds a request may wait at fal before a runner starts it; fal then
-    # answers 504 and nothing is billed. 0 sends none (fal's default: no timeout).
+    # answers 504 and nothing is billed. Every submit sends the job's time left to its deadline,
+    # at most this many seconds (0: no bound but the deadline).
     fal_start_timeout_s: float = 0.0
     # X-Fal-Store-IO: 0 by default. Otherwise fal keeps each request's JSON payloads for 30 days,
     # and ours carry presigned URLs of the inputs (credentials for as long as they are valid).

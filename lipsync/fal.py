@@ -25,6 +25,8 @@ from lipsync.models import FalLog, FalPriority, FalRequest
 _RETRY_STATUS = frozenset({408, 409, 429})
 _INGRESS_STATUS = frozenset({502, 503, 504})
 MARKER_HEADER = "X-Lipsync-Job-Id"
+# fal's REST API (Platform APIs): its request listing finds the request of a lost submit answer.
+FAL_API_URL = "https://api.fal.ai"
 
 # fal's platform headers (fal-client's projects/fal_client/src/fal_client/_headers.py for names and
 # values; fal docs "Platform Headers", documentation/model-apis/common-parameters, and "Data
@@ -37,6 +39,8 @@ QUEUE_PRIORITY_HEADER = "X-Fal-Queue-Priority"
 # it never limits the run itself. fal's docs name this header; fal-client's newest _headers.py
 # sends X-Fal-Request-Start-Timeout for the same SDK argument (start_timeout): the docs win here.
 REQUEST_TIMEOUT_HEADER = "X-Fal-Request-Timeout"
+# On the result of a request fal dropped for it: "user" (it never started; not billed).
+START_TIMEOUT_TYPE_HEADER = "X-Fal-Request-Timeout-Type"
 # "0": fal does not keep the request's JSON payloads (kept 30 days otherwise, for the dashboard's
 # history). Ours hold presigned URLs of the tenant's media, credentials until they expire.
 STORE_IO_HEADER = "X-Fal-Store-IO"
@@ -70,9 +74,21 @@ class FalHeaders:
 
 
 class SubmitOutcomeUnknown(PermanentError):
-    """The submit was sent but its answer was lost: fal may or may not have created a request."""
+    """The submit was sent but its answer was lost: fal may or may not have created a request.
+
+    `request_id` is fal's, when its answer carried one (a 5xx with `x-fal-request-id`)."""
 
     code = "submit_outcome_unknown"
+
+    def __init__(self, message: str, *, request_id: str | None = None) -> None:
+        super().__init__(message)
+        self.request_id = request_id
+
+
+class AccountRefused(RetryableError):
+    """fal refuses the account, not the job: 403 "User is locked" (exhausted balance) or 401 (the key
+    is unknown or revoked). Nothing was created; every submit would be refused alike until a top-up
+    or a key change, so the account's breaker opens (lipsync/account.py) instead of failing jobs."""
 
 
 class QueueState(StrEnum):
@@ -215,7 +231,7 @@ class FalQueueClient:
                 "again to avoid paying twice. Check fal's dashboard, then `lipsync retry` "
                 "the job to submit it anew."
             ) from None
-        if response.status_code == 200:
+        if 200 <= response.status_code < 300:  # any 2xx: fal made the request
             body = response.json()
             return FalRequest(
                 gateway_request_id=body.get("gateway_request_id"),
@@ -225,7 +241,64 @@ class FalQueueClient:
                 cancel_url=body["cancel_url"],
                 queue_position=body.get("queue_position"),
             )
+        request_id = response.headers.get("x-fal-request-id")
+        if response.status_code >= 500 and request_id and not is_ingress_error(response):
+            # fal's own services saw it and named a request: it may exist. Reconcile, never re-POST blind.
+            raise SubmitOutcomeUnknown(
+                f"fal answered {response.status_code} on submit with request id {request_id}; "
+                "fal may have created the request, so it is looked up before anything is sent again",
+                request_id=request_id,
+            )
         raise self._error(response, "submit")
+
+    def request_urls(self, request_id: str) -> FalRequest:
+        """A request known only by its id (found in fal's listing): its URLs use owner/alias only."""
+        owner_alias = "/".join(self.app.split("/")[:2])
+        base = f"{self.queue_url}/{owner_alias}/requests/{request_id}"
+        return FalRequest(
+            request_id=request_id, status_url=f"{base}/status", response_url=base, cancel_url=f"{base}/cancel"
+        )
+
+    @staticmethod
+    def listing_url(settings: Settings) -> str:
+        """Where fal's request listing is: the setting; else fal's REST API for fal's own queue, else the
+        queue's host (the emulator), so a local stack never asks the real fal."""
+        if settings.fal_api_url:
+            return settings.fal_api_url.rstrip("/")
+        queue = httpx.URL(settings.fal_queue_url)
+        if queue.host == "queue.fal.run":
+            return FAL_API_URL
+        return f"{queue.scheme}://{queue.netloc.decode()}"
+
+    @staticmethod
+    def listing_lists_unfinished(settings: Settings) -> bool:
+        if settings.fal_listing_lists_unfinished is not None:
+            return settings.fal_listing_lists_unfinished
+        return FalQueueClient.listing_url(settings) != FAL_API_URL
+
+    def list_requests(self, api_url: str, *, since: float, request_id: str | None = None) -> list[dict[str, Any]]:
+        """fal's request listing (`GET /v1/models/requests/by-endpoint`, with inputs), newest first,
+        for requests sent since `since`; every page. Raises RetryableError when it cannot be read."""
+        params: dict[str, str] = {
+            "endpoint_id": self.app,
+            "expand": "payloads",
+            "limit": "100",
+            "start": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(since - 60)),
+        }
+        if request_id:
+            params["request_id"] = request_id
+        items: list[dict[str, Any]] = []
+        for _ in range(100):  # bounded: a cursor that never ends cannot hold a worker
+            response = self._get(f"{api_url.rstrip('/')}/v1/models/requests/by-endpoint", params=params)
+            if response.status_code != 200:
+                raise self._error(response, "request listing")
+            body = response.json()
+            items.extend(body.get("items") or [])
+            cursor = body.get("next_cursor")
+            if not body.get("has_more") or not cursor:
+                break
+            params["cursor"] = str(cursor)
+        return items
 
     # status / result / cancel --------------------------------------------------
     def status(self, request: FalRequest, *, with_logs: bool = True) -> QueueStatus:
@@ -299,7 +372,13 @@ class FalQueueClient:
                 code="fal_server_error",
                 delay=retry_after_seconds(response),
             )
-        if status in (401, 403):
+        if status == 401 or (status == 403 and "locked" in _detail(response).lower()):
+            return AccountRefused(
+                f"fal refuses the account ({status}) on {operation}: {_detail(response)}",
+                code="fal_account_locked" if status == 403 else "fal_key_refused",
+                delay=retry_after_seconds(response),
+            )
+        if status == 403:
             return PermanentError(
                 f"fal refused the key ({status}) on {operation}; check FAL_KEY",
                 code="fal_unauthorized",

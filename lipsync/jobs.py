@@ -22,7 +22,7 @@ log = logging.getLogger("lipsync.jobs")
 LOG_TAIL = 20
 # Fields a retry clears: the job starts over from staging with a fresh deadline.
 RETRY_CLEARS = (
-    "fal", "error", "output", "submit_claimed_at", "logs", "lease_owner", "lease_until",
+    "fal", "error", "output", "submit_claimed_at", "submit_input", "logs", "lease_owner", "lease_until",
     *(f"attempts:retry_{step.name}" for step in lifecycle.STEPS),
 )  # fmt: skip
 
@@ -111,12 +111,39 @@ def cancel_at_fal(store: JobStore, settings: Settings, job: Job, fal: FalQueueCl
             client.close()
 
 
+# Store failures that say fal's copy is gone or bad: storing it again cannot help.
+_OUTPUT_LOST = frozenset({"output_unavailable", "bad_output"})
+
+
+def result_retained(job: Job, settings: Settings, now: float) -> bool:
+    """fal's output is known and fal's CDN still keeps it (the lifetime we ask for, else fal's hour)."""
+    if job.fal is None or job.fal.output is None or job.error is None:
+        return False
+    if job.error.stage != "store" or job.error.code in _OUTPUT_LOST:
+        return False
+    known_at = job.timestamps.get("storing")
+    kept_s = settings.fal_output_lifecycle_s or 3600.0
+    return known_at is not None and now < known_at + kept_s - 60
+
+
 def retry(store: JobStore, settings: Settings, job_id: str, send: Sender, *, by: str = "the producer") -> Job:
     """Start a failed or cancelled job over, from staging, with a fresh deadline."""
     job = store.get(job_id)
     if job.status not in (JobStatus.failed, JobStatus.cancelled):
         raise InvalidTransition(f"job {job_id} is {job.status.value}; only failed or cancelled jobs can be retried")
     now = time.time()
+    if result_retained(job, settings, now):
+        # fal's result is known and fal still keeps it: store it again, never pay for it again.
+        moved = store.store_again(
+            job_id,
+            from_=[JobStatus.failed],
+            fields={"deadline_at": now + settings.job_deadline_s},
+            clear=[name for name in RETRY_CLEARS if name not in ("fal", "logs", "submit_claimed_at", "submit_input")],
+            event=f"retried by {by}: fal's result is still kept, so it is stored again (not paid again)",
+        )
+        if moved.applied:
+            send("store", job_id)
+            return store.get(job_id)
     moved = store.requeue(
         job_id,
         from_=[JobStatus.failed, JobStatus.cancelled],

@@ -32,7 +32,7 @@ from lipsync.replication import ReplicaAck
 _JSON_FIELDS = (
     "request", "idempotency_key", "request_digest", "batch_id", "metadata", "inputs", "fal",
     "logs", "output", "error", "cost_estimate_usd", "expected_duration", "created_at",
-    "updated_at", "deadline_at", "tenant", "callback_url", "fal_priority",
+    "updated_at", "deadline_at", "tenant", "callback_url", "fal_priority", "waiting_on", "priority",
 )  # fmt: skip
 
 FINISHED_KEPT_S = 7 * 24 * 3600.0
@@ -341,6 +341,23 @@ class JobStore:
         return self._move(
             job_id, to=JobStatus.queued, from_=from_, fields=fields, delete=clear, count=["attempts:retries"],
             due=repr(due_at), event=event,
+        )  # fmt: skip
+
+    def resubmit(self, job_id: str, *, from_: Iterable[JobStatus], clear: Iterable[str], event: str) -> Moved:
+        """fal dropped the job's request unstarted and unbilled (its start timeout): back to `submitting`,
+        due now, its request forgotten (the admission slot is given back as it leaves fal)."""
+        return self._move(
+            job_id, to=JobStatus.submitting, from_=from_, delete=clear, count=["attempts:resubmits"],
+            due=repr(time.time()), event=event,
+        )  # fmt: skip
+
+    def store_again(
+        self, job_id: str, *, from_: Iterable[JobStatus], fields: Mapping[str, Any], clear: Iterable[str], event: str
+    ) -> Moved:
+        """A retry of a job whose fal result is known and still kept: back to `storing`, fal's request kept."""
+        return self._move(
+            job_id, to=JobStatus.storing, from_=from_, fields=fields, delete=clear, count=["attempts:retries"],
+            due=repr(time.time() + 60), event=event,
         )  # fmt: skip
 
     def note(

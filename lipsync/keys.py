@@ -68,8 +68,36 @@ class Keys:
         return f"{self.prefix}:inflight"
 
     @property
+    def pending_prefix(self) -> str:
+        """The fair queue of jobs waiting for a slot (lua/admit.lua): `<this><priority>:<tenant>` zsets
+        of job ids by arrival, `<this><priority>` the tenants with jobs waiting by virtual time,
+        `<this>vt` a tenant's virtual time while it has none waiting."""
+        return f"{self.prefix}:pending:"
+
+    @property
     def submit_rate(self) -> str:
         return f"{self.prefix}:submit-rate"
+
+    @property
+    def fal_account(self) -> str:
+        """The fal account's breaker, a hash (reason, since, probe_at, interval) while fal refuses
+        submits (locked account, refused key); absent while it accepts them."""
+        return f"{self.prefix}:fal-account"
+
+    @property
+    def fal_account_probe(self) -> str:
+        """The one probe submit allowed per interval while the breaker is open (SET NX PX)."""
+        return f"{self.prefix}:fal-account:probe"
+
+    def fal_request_owner(self, request_id: str) -> str:
+        """Which job a fal request belongs to (a day): a reconciled job never adopts another's request."""
+        return f"{self.prefix}:fal-request:{request_id}"
+
+    @property
+    def fal_concurrency(self) -> str:
+        """The account's concurrency as admission knows it: the hint, raised to the most requests seen
+        IN_PROGRESS at once while none waited IN_QUEUE."""
+        return f"{self.prefix}:fal-concurrency"
 
     @property
     def fal_seconds(self) -> str:

@@ -22,6 +22,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, multiproces
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from lipsync.account import read_state
 from lipsync.errors import FalError, LipsyncError
 from lipsync.fal import SubmitOutcomeUnknown
 from lipsync.jobstore import JobStore
@@ -155,6 +156,7 @@ class JobStoreCollector(Collector):
             counts = self.store.counts()
             scheduled = self.store.schedule_size()
             overdue = int(self.store.redis.zcount(self.store.schedule_key, "-inf", time.time() - 5))
+            paused = read_state(self.store.redis, self.store.keys)
         except Exception as exc:  # Redis away: the rest of /metrics still answers
             log.warning("metrics: cannot read the job store: %s: %s", type(exc).__name__, exc)
             return
@@ -165,6 +167,11 @@ class JobStoreCollector(Collector):
         at_fal = sum(counts[status.value] for status in AT_FAL_STATUSES)
         yield GaugeMetricFamily("lipsync_jobs_at_fal", "Jobs in flight at fal now (job store)", value=at_fal)
         yield GaugeMetricFamily("lipsync_schedule_size", "Entries in the durable schedule", value=scheduled)
+        yield GaugeMetricFamily(
+            "lipsync_fal_account_paused",
+            "1 while submits wait on the fal account (locked, or the key refused); 0 while fal accepts them",
+            value=0 if paused is None else 1,
+        )
         yield GaugeMetricFamily(
             "lipsync_schedule_overdue", "Schedule entries due for more than 5 s (dispatch lag)", value=overdue
         )

@@ -170,6 +170,14 @@ class FalPriority(StrEnum):
     low = "low"
 
 
+class Priority(StrEnum):
+    """Our admission's order: strictly high before normal before low (low also goes to fal as low)."""
+
+    high = "high"
+    normal = "normal"
+    low = "low"
+
+
 class JobStatus(StrEnum):
     queued = "queued"
     staging = "staging"
@@ -260,8 +268,11 @@ class Job(BaseModel):
     callback_url: str | None = None
     # Sent as X-Fal-Queue-Priority; None = the `fal_queue_priority` setting.
     fal_priority: FalPriority | None = None
+    priority: Priority = Priority.normal
     inputs: dict[str, MediaInfo] = Field(default_factory=dict)
     fal: FalRequest | None = None
+    # What the job waits on while it cannot be submitted (a locked fal account), else None.
+    waiting_on: str | None = None
     logs: list[FalLog] = Field(default_factory=list)
     output: JobOutput | None = None
     error: JobError | None = None

@@ -31,7 +31,7 @@ import redis
 from config.settings import Settings
 from lipsync import jobs
 from lipsync.errors import FalError, PermanentError, RetryableError
-from lipsync.fal import FalQueueClient, QueueState, QueueStatus
+from lipsync.fal import START_TIMEOUT_TYPE_HEADER, FalQueueClient, QueueState, QueueStatus
 from lipsync.jobstore import JobStore, WaitingJob
 from lipsync.keys import Keys
 from lipsync.lifecycle import backoff, step
@@ -104,6 +104,10 @@ def read_status(response: httpx.Response) -> QueueStatus:
         error=body.get("error"),
         error_type=body.get("error_type"),
     )
+
+
+class _NotStartedInTime(PermanentError):
+    code = "deadline_exceeded"
 
 
 class Poller:
@@ -181,22 +185,31 @@ class Poller:
                 self.store.schedule(job.id, time.time())
             return
         request = FalRequest.model_validate(job.fal)
-        if time.time() > job.deadline_at:
-            self._fail(
-                job,
-                request,
-                PermanentError(
-                    f"fal did not finish before the job's deadline ({self.settings.job_deadline_s:.0f} s); "
-                    "the request was cancelled at fal",
-                    code="deadline_exceeded",
-                ),
+        if job.submitted_at is not None and time.time() > job.submitted_at + self.settings.max_run_s:
+            overdue = PermanentError(
+                f"the request was at fal longer than max_run_s ({self.settings.max_run_s:.0f} s); "
+                "it was cancelled at fal",
+                code="max_run_exceeded",
             )
+            self._fail(job, request, overdue)
             return
         try:
             status = read_status(await self._get(http, request.status_url, {"logs": "1"}))
             if status.state is not QueueState.completed:
+                # The deadline bounds waiting, not paid work: a request not started yet is cancelled
+                # at no cost; a running one goes on (only a cancel or `max_run_s` stops it).
+                if status.state is QueueState.in_queue and time.time() > job.deadline_at:
+                    raise _NotStartedInTime(
+                        "cancelled at no cost: the job's deadline passed while it waited in fal's queue, "
+                        "before fal started it"
+                    )
                 self._still_waiting(job, request, status)
                 return
+            if status.error_type == "request_timeout":
+                result = await self._get(http, request.response_url)
+                if result.headers.get(START_TIMEOUT_TYPE_HEADER, "").lower() == "user":
+                    self._not_started(job, request)
+                    return
             if status.error:
                 raise FalError(
                     f"fal could not process the request: {status.error}"
@@ -285,6 +298,24 @@ class Poller:
         # Overdue: check again after about half the time it is overdue (1 s at least, 30 s at most).
         overdue = now - plausible
         return now + min(settings.poll_max_s, max(settings.poll_initial_s, overdue / 2)) * random.uniform(0.75, 1.25)
+
+    def _not_started(self, job: WaitingJob, request: FalRequest) -> None:
+        """fal dropped the request unstarted (X-Fal-Request-Timeout): nothing ran, nothing is billed."""
+        if time.time() >= job.deadline_at:
+            error = _NotStartedInTime(
+                "cancelled at no cost: fal did not start the request before the job's deadline "
+                "(X-Fal-Request-Timeout); nothing ran"
+            )
+            self._fail(job, request, error)
+            return
+        moved = self.store.resubmit(
+            job.id,
+            from_=AT_FAL_STATUSES,
+            clear=("fal", "submit_claimed_at", "submit_input"),
+            event=f"fal dropped request {request.request_id} unstarted (start timeout, not billed); submitting again",
+        )
+        if moved.applied:
+            self.send("submit", job.id)
 
     def _retry_later(self, job: WaitingJob, message: str, delay: float | None = None) -> None:
         # Checks are bounded by the job's deadline rather than a count: fal may be slow for long.

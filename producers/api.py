@@ -24,7 +24,7 @@ from config.settings import Settings, get_settings
 from lipsync import jobs
 from lipsync.errors import InvalidInput, LipsyncError
 from lipsync.fetcher import GuardedFetcher
-from lipsync.models import FalPriority, Job, JobStatus, LipsyncInput
+from lipsync.models import FalPriority, Job, JobStatus, LipsyncInput, Priority
 from lipsync.observe import observed_store
 from lipsync.redis_client import connect
 from lipsync.storage import Storage
@@ -161,11 +161,15 @@ class LipsyncClient:
         batch_id: str | None = None,
         base_dir: Path | None = None,
         fal_priority: FalPriority | None = None,
+        priority: Priority = Priority.normal,
+        tenant: str | None = None,
     ) -> Job:
+        """`priority` orders our admission (strictly); `tenant` shares it fairly (settings' tenant_weights)."""
         request = self.build_request(video, audio, sync_mode=sync_mode, options=options, base_dir=base_dir)
         return self.submit_request(
-            request, idempotency_key=idempotency_key, metadata=metadata, batch_id=batch_id, fal_priority=fal_priority
-        )
+            request, idempotency_key=idempotency_key, metadata=metadata, batch_id=batch_id, fal_priority=fal_priority,
+            priority=priority, tenant=tenant,
+        )  # fmt: skip
 
     def submit_request(
         self,
@@ -177,6 +181,7 @@ class LipsyncClient:
         tenant: str | None = None,
         callback_url: str | None = None,
         fal_priority: FalPriority | None = None,
+        priority: Priority = Priority.normal,
     ) -> Job:
         if idempotency_key is not None and not (0 < len(idempotency_key) <= 200):
             raise InvalidInput("the idempotency key must be 1 to 200 characters long")
@@ -192,6 +197,7 @@ class LipsyncClient:
             tenant=tenant,
             callback_url=callback_url,
             fal_priority=fal_priority,
+            priority=priority,
             created_at=now,
             updated_at=now,
             deadline_at=now + self.settings.job_deadline_s,

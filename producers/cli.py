@@ -18,7 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from lipsync.errors import LipsyncError
-from lipsync.models import FalPriority, Job, JobStatus
+from lipsync.models import FalPriority, Job, JobStatus, Priority
 
 console = Console(stderr=True, soft_wrap=True)  # an error is one line, whatever the width
 out = Console()
@@ -70,6 +70,8 @@ def _print_job(job: Job, as_json: bool) -> None:
         table.add_row("fal request", job.fal.request_id)
         if job.fal.queue_position is not None and job.status is JobStatus.in_queue:
             table.add_row("queue position", str(job.fal.queue_position))
+    if job.waiting_on and not job.terminal:
+        table.add_row("waiting on", job.waiting_on)
     if job.cost_estimate_usd is not None:
         table.add_row("estimated cost", f"${job.cost_estimate_usd:.4f}")
     if job.output:
@@ -113,6 +115,11 @@ def main(ctx: click.Context) -> None:
 @click.option("--idempotency-key", help="the same key returns the same job")
 @click.option("--metadata", "metadata_json", help="your own ids as a JSON object, echoed back")
 @click.option("--low-priority", is_flag=True, help="X-Fal-Queue-Priority: low (waits behind normal requests)")
+@click.option(
+    "--priority", type=click.Choice(["high", "normal", "low"]), default="normal", show_default=True,
+    help="order in our admission to fal (strict); low also goes to fal as low",
+)  # fmt: skip
+@click.option("--tenant", help="whose job this is: free slots are shared fairly between tenants")
 @click.option("--wait", is_flag=True, help="wait until the job ends")
 @click.option("--timeout", type=float, default=None, help="with --wait: give up after this many seconds")
 @click.option("--json", "as_json", is_flag=True, help="print the job record as JSON")
@@ -125,6 +132,8 @@ def submit(
     idempotency_key: str | None,
     metadata_json: str | None,
     low_priority: bool,
+    priority: str,
+    tenant: str | None,
     wait: bool,
     timeout: float | None,
     as_json: bool,
@@ -144,6 +153,8 @@ def submit(
             idempotency_key=idempotency_key,
             metadata=_metadata(metadata),
             fal_priority=FalPriority.low if low_priority else None,
+            priority=Priority(priority),
+            tenant=tenant,
         )
     except BrokerUnavailable as exc:  # recorded: it runs when the broker is back; say so, once
         console.print(f"[yellow]warning:[/yellow] {exc.message}", highlight=False)

@@ -16,6 +16,7 @@ from typing import Any
 from rich.console import Group
 from rich.table import Table
 
+from lipsync.account import read_state
 from lipsync.jobstore import JobStore
 from lipsync.models import PRICE_PER_SECOND_USD, Job, JobStatus
 
@@ -60,6 +61,8 @@ class Stats:
     latency: dict[str, Latency] = field(default_factory=dict)
     failures: list[Failure] = field(default_factory=list)
     now: dict[str, int] = field(default_factory=dict)
+    # "waiting on the fal account (...)" while fal refuses submits (lipsync/account.py), else None.
+    waiting_on: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -121,6 +124,7 @@ def compute_stats(
         latency={name: span for name, values in spans.items() if (span := latency_of(values)) is not None},
         failures=sorted(failures.values(), key=lambda failure: -failure.count),
         now={status: count for status, count in store.counts().items() if count},
+        waiting_on=account.waiting_on if (account := read_state(store.redis, store.keys)) else None,
     )
 
 
@@ -138,6 +142,8 @@ def render_stats(stats: Stats) -> Group:
         f"${stats.spend_usd:.2f} (${per_job:.3f} a completed job at ${price:.4f} per output second)",
     )
     headline.add_row("all jobs now", " ".join(f"{status}:{count}" for status, count in stats.now.items()) or "none")
+    if stats.waiting_on:
+        headline.add_row("paused", f"[yellow]submits wait on {stats.waiting_on}[/yellow]")
     parts: list[Any] = [headline]
     if stats.latency:
         latency = Table(title="latency of completed jobs, s")

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import redis
 
 from config.settings import Settings, get_settings
+from lipsync.account import AccountBreaker
 from lipsync.admission import AdmissionControl
 from lipsync.fal import FalQueueClient
 from lipsync.fetcher import GuardedFetcher
@@ -33,6 +34,7 @@ class Context:
     fal: FalQueueClient
     send: Sender
     first_check: FirstCheck
+    account: AccountBreaker
 
 
 def build_context(settings: Settings, send: Sender | None = None) -> Context:
@@ -51,12 +53,16 @@ def build_context(settings: Settings, send: Sender | None = None) -> Context:
             prefix=settings.key_prefix,
             max_in_flight=settings.max_in_flight,
             submits_per_second=settings.submits_per_second,
+            queue_buffer=settings.fal_queue_buffer,
+            concurrency_hint=settings.fal_concurrency_hint,
+            tenant_weights=settings.tenant_weights,
         ),
         storage=Storage(settings),
         fetcher=GuardedFetcher.from_settings(settings),
         fal=FalQueueClient.from_settings(settings),
         send=send,
         first_check=FirstCheck(client, Keys(settings.key_prefix), settings),
+        account=AccountBreaker(client, Keys(settings.key_prefix), settings),
     )
 
 

@@ -1,14 +1,16 @@
-"""Submit: admission (global in-flight cap, submit rate), one POST to fal, request_id saved at once.
+"""Submit: the account's breaker, admission (adaptive in-flight cap, submit rate), one POST to fal,
+request_id saved at once.
 
 A job never has two fal requests. The submit claim is written before the POST; a runner that
-finds a claim but no request id knows an earlier POST may have reached fal and fails the
-job in words instead of paying twice. The request id is an `Advance(settled=True)`: written
-even if this runner's lease lapsed meanwhile, riding out a Redis restart.
+finds a claim but no request id knows an earlier POST may have reached fal, and reconciles
+(`lipsync.reconcile`): it adopts the request fal's listing shows for the job's inputs, or, once
+fal confirms there is none, submits again by itself. The request id is an
+`Advance(settled=True)`: written even if this runner's lease lapsed meanwhile, riding out a
+Redis restart. A locked account or refused key pauses the job (`lipsync.account`), never fails it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 
@@ -16,16 +18,19 @@ import redis
 from redis.backoff import EqualJitterBackoff
 from redis.retry import Retry
 
+from lipsync.account import AccountState
 from lipsync.errors import PermanentError, RetryableError
-from lipsync.fal import SubmitOutcomeUnknown
+from lipsync.fal import AccountRefused, SubmitOutcomeUnknown
 from lipsync.lifecycle import Advance, Outcome, Wait
-from lipsync.models import FalRequest, Job, JobStatus
+from lipsync.models import FalPriority, FalRequest, Job, JobStatus, Priority
 from lipsync.replication import ReplicaAckTimeout
+from workers import reconcile
 from workers.context import Context
-from workers.runner import Lease, saved_request_id
+from workers.reconcile import adopted
+from workers.runner import Lease
 
 log = logging.getLogger("lipsync.worker")
-CLAIM_FIELD = "submit_claimed_at"
+CLAIM_FIELD = reconcile.CLAIM_FIELD
 
 
 def submit(job: Job, ctx: Context, lease: Lease) -> Outcome:
@@ -33,17 +38,30 @@ def submit(job: Job, ctx: Context, lease: Lease) -> Outcome:
     if job.fal is not None:  # a redelivered submit whose job already has its request
         return Advance(JobStatus.submitted, event="already submitted")
     if time.time() > job.deadline_at:
-        raise PermanentError("the job's deadline passed before it could be submitted", code="deadline_exceeded")
-    # The slot and the claim are taken in one call, before the POST.
-    admission = ctx.admission.admit(job.id, claim=CLAIM_FIELD, status=JobStatus.submitting.value)
-    if admission.claimed_before:
-        raise SubmitOutcomeUnknown(
-            "an earlier submit of this job was interrupted after it was sent to fal (the worker "
-            "stopped or lost its answer); fal may have created a request, so it was not sent "
-            "again to avoid paying twice. `lipsync retry` submits it anew."
+        if store.raw_field(job.id, CLAIM_FIELD) is not None:  # an earlier POST may have reached fal
+            return reconcile.lost_submit(job, ctx)
+        raise PermanentError(
+            "cancelled at no cost: the job's deadline passed while it waited with us, before it was sent to fal",
+            code="deadline_exceeded",
         )
+    pause, account = ctx.account.may_submit()
+    if pause > 0 and account is not None:
+        return _wait_on_account(job, account.waiting_on, pause)
+    # The slot and the claim are taken in one call, before the POST.
+    admission = ctx.admission.admit(
+        job.id, claim=CLAIM_FIELD, status=JobStatus.submitting.value, priority=job.priority, tenant=job.tenant
+    )
+    if account is not None and not admission.admitted:
+        ctx.account.release_probe()  # e.g. the slot went to the job whose turn it is: it probes now
+    if admission.claimed_before:
+        return reconcile.lost_submit(job, ctx)
     if admission.refused:
         return None  # cancelled meanwhile: nothing to send
+    if admission.wake is not None:  # the slot went to the job whose turn it is: wake it now
+        try:
+            ctx.send("submit", admission.wake)
+        except Exception as exc:  # its schedule entry wakes it a little later
+            log.warning("job %s: could not wake %s: %s", job.id, admission.wake, exc)
     if not admission.admitted:
         return Wait(max(0.05, admission.retry_after))
     unconfirmed = confirm_claim(job, ctx)
@@ -54,30 +72,36 @@ def submit(job: Job, ctx: Context, lease: Lease) -> Outcome:
     arguments = job.request.model_dump(mode="json", exclude_none=True)
     arguments["video_url"] = ctx.storage.presign_get(video.staging_key, ttl)
     arguments["audio_url"] = ctx.storage.presign_get(audio.staging_key, ttl)
+    # Before the POST: what identifies this POST's request in fal's listing, should its answer be lost.
+    store.note(job.id, raw={reconcile.INPUT_FIELD: reconcile.input_fingerprint(arguments)})
     webhook = f"{settings.fal_webhook_url.rstrip('/')}/{job.id}" if settings.fal_webhook_url else None
     try:
-        request = ctx.fal.submit(arguments, marker=job.id, webhook_url=webhook, priority=job.fal_priority)
+        request = ctx.fal.submit(
+            arguments,
+            marker=job.id,
+            webhook_url=webhook,
+            priority=job.fal_priority or (FalPriority.low if job.priority is Priority.low else None),
+            start_timeout_s=reconcile.start_timeout(job, settings, time.time()),
+        )
+    except AccountRefused as exc:
+        # Nothing was created, and no attempt is counted against the job: the account, not the job.
+        store.note(job.id, delete=[CLAIM_FIELD], raw={"attempts:submit": str(job.attempts.get("submit", 0))})
+        delay = ctx.account.refused(exc.message)
+        state = ctx.account.state()
+        return _wait_on_account(job, state.waiting_on if state else exc.message, delay)
+    except SubmitOutcomeUnknown as exc:
+        # The claim stays: the next run reconciles (the listing, a webhook) before anything is sent.
+        log.warning("job %s: %s", job.id, exc.message)
+        return Wait(1.0, event=f"reconciling: {exc.message}")
     except RetryableError:
         # Proven not created (connect error, 429, 5xx before fal's queue): free to try again
         # (the runner's write of this retry gives the slot back).
         store.note(job.id, delete=[CLAIM_FIELD])
         raise
-
-    def refused() -> None:
-        # A try whose answer was lost may have saved it already: then the job holds our id.
-        if saved_request_id(ctx, job.id) == request.request_id:
-            return
-        # Cancelled while the POST was in flight: don't pay for a result nobody wants.
-        with contextlib.suppress(Exception):
-            ctx.fal.cancel(request)
-
-    return Advance(
-        JobStatus.submitted,
-        fields={"fal": request.model_dump(mode="json")},
-        event=f"submitted to fal as {request.request_id}",
-        settled=True,
-        if_refused=refused,
-    )
+    if account is not None:  # this submit was the probe, and fal took it
+        ctx.account.accepted()
+    reconcile.own_request(ctx, job.id, request.request_id)  # no lost answer of the same input adopts it
+    return adopted(job, ctx, request, event=f"submitted to fal as {request.request_id}")
 
 
 def confirm_claim(job: Job, ctx: Context) -> Wait | None:
@@ -101,4 +125,11 @@ _UNCONFIRMED_WAIT_S = 1.0
 # Taking the claim back rides out the failover that lost its acknowledgement (about 20 s).
 _CLAIM_RETRY = Retry(EqualJitterBackoff(cap=1.0, base=0.1), retries=30)
 
-__all__ = ["CLAIM_FIELD", "FalRequest", "submit"]
+
+def _wait_on_account(job: Job, waiting_on: str, seconds: float) -> Wait:
+    if job.waiting_on == waiting_on:
+        return Wait(seconds)
+    return Wait(seconds, fields={"waiting_on": waiting_on}, event=f"waiting on {waiting_on}; not counted as an attempt")
+
+
+__all__ = ["CLAIM_FIELD", "AccountState", "FalRequest", "adopted", "submit"]

@@ -7,13 +7,34 @@
 -- KEYS[1]  inflight set          <prefix>:inflight
 -- KEYS[2]  token bucket hash     <prefix>:submit-rate
 -- KEYS[3]  job hash              <prefix>:job:<id>, or '' to admit without a claim
+-- KEYS[4]  jobs IN_PROGRESS      <prefix>:status:in_progress
+-- KEYS[5]  jobs IN_QUEUE at fal  <prefix>:status:in_queue
+-- KEYS[6]  observed concurrency  <prefix>:fal-concurrency
 -- ARGV[1]  job id
 -- ARGV[2]  cap on jobs in flight
 -- ARGV[3]  submits per second
 -- ARGV[4]  now (unix seconds)
 -- ARGV[5]  claim field (with a job hash)
 -- ARGV[6]  the status the job must be in (with a job hash)
--- Returns {1, '0'} admitted (and claimed); {0, seconds to wait}; {-1, ''} an earlier submit
+-- ARGV[7]  buffer kept at fal above the observed concurrency (0: no adaptation, the cap only)
+-- ARGV[8]  the concurrency assumed before any is observed
+-- ARGV[9]  pending prefix        <prefix>:pending:  (with a job hash: the fair queue, below)
+-- ARGV[10] job hash prefix       <prefix>:job:
+-- ARGV[11] the job's priority    high | normal | low
+-- ARGV[12] the job's tenant      ('' = the default tenant)
+-- ARGV[13] tenant weights, 'name weight name weight ...' (a tenant not named weighs 1)
+-- Fair queue (with a job hash): every job asking for a slot waits in <pending>:<priority>:<tenant>
+-- (a zset by arrival); <pending>:<priority> holds the tenants with jobs waiting, scored by their
+-- virtual time (slots taken / weight; <pending>vt keeps it while a tenant has none waiting). A free
+-- slot goes to the first job of the tenant with the least virtual time in the highest priority
+-- with jobs waiting: strict across priorities, weighted-fair across tenants, first come first
+-- served within a tenant. If that job is not the caller, the slot is reserved for it (it joins the
+-- inflight set) and its id is returned for the caller to wake.
+-- Adaptive cap: the account's concurrency is the hint (the plan's), raised to the most jobs seen
+-- IN_PROGRESS at once while none waited IN_QUEUE at fal. At most that plus
+-- the buffer are kept at fal; the rest wait with us, where a cancel is free and order can change.
+-- Returns {1, '0'} admitted (and claimed); {0, seconds to wait}; {2, job id} the slot went to
+-- that job (wake it), the caller waits; {-1, ''} an earlier submit
 -- already claimed the job (it may have reached fal); {-2, ''} the job is not in that status or
 -- already has its fal request (nothing taken).
 local inflight, bucket = KEYS[1], KEYS[2]
@@ -32,6 +53,33 @@ local function claim()
   return {1, '0'}
 end
 if redis.call('SISMEMBER', inflight, job) == 1 then return claim() end
+local buffer = tonumber(ARGV[7])
+if buffer > 0 then
+  local running, queued = redis.call('SCARD', KEYS[4]), redis.call('SCARD', KEYS[5])
+  local observed = tonumber(redis.call('GET', KEYS[6]) or ARGV[8])
+  local seen = observed
+  -- Learned upwards only, while fal is not full (no job seen waiting there): status checks come
+  -- when a job could be done, so jobs IN_PROGRESS are undercounted and cannot lower it safely.
+  if queued == 0 and running > observed then seen = running end
+  if seen ~= observed then redis.call('SET', KEYS[6], seen) end
+  cap = math.min(cap, seen + buffer)
+end
+local pending, jobs = ARGV[9], ARGV[10]
+local vt_key = pending .. 'vt'
+if KEYS[3] ~= '' then  -- join the fair queue (once)
+  local line = pending .. ARGV[11] .. ':' .. ARGV[12]
+  if not redis.call('ZSCORE', line, job) then
+    redis.call('ZADD', line, now, job)
+    local active = pending .. ARGV[11]
+    if not redis.call('ZSCORE', active, ARGV[12]) then
+      -- A tenant coming back keeps its debt but banks no credit: at least the least active's time.
+      local least = redis.call('ZRANGE', active, 0, 0, 'WITHSCORES')
+      local floor = tonumber(least[2] or '0')
+      local kept = tonumber(redis.call('HGET', vt_key, ARGV[11] .. ':' .. ARGV[12]) or '0')
+      redis.call('ZADD', active, math.max(kept, floor), ARGV[12])
+    end
+  end
+end
 if redis.call('SCARD', inflight) >= cap then return {0, '1.0'} end
 local burst = math.max(1, rate)
 local state = redis.call('HMGET', bucket, 'tokens', 'at')
@@ -42,6 +90,44 @@ if tokens < 1 then
   redis.call('HSET', bucket, 'tokens', tostring(tokens), 'at', tostring(now))
   return {0, tostring((1 - tokens) / rate)}
 end
-redis.call('HSET', bucket, 'tokens', tostring(tokens - 1), 'at', tostring(now))
-redis.call('SADD', inflight, job)
-return claim()
+local function take(chosen)
+  redis.call('HSET', bucket, 'tokens', tostring(tokens - 1), 'at', tostring(now))
+  redis.call('SADD', inflight, chosen)
+end
+if KEYS[3] == '' then take(job) return {1, '0'} end
+local weights = {}
+local name = nil
+for word in string.gmatch(ARGV[13], '%S+') do
+  if name then weights[name] = tonumber(word) name = nil else name = word end
+end
+for _, priority in ipairs({'high', 'normal', 'low'}) do
+  local active = pending .. priority
+  for _ = 1, 100 do  -- bounded: stale entries (jobs cancelled meanwhile) are dropped on the way
+    local least = redis.call('ZRANGE', active, 0, 0, 'WITHSCORES')
+    if #least == 0 then break end
+    local tenant, vt = least[1], tonumber(least[2])
+    local line = pending .. priority .. ':' .. tenant
+    local head = redis.call('ZRANGE', line, 0, 0)
+    if #head == 0 then
+      redis.call('ZREM', active, tenant)
+      redis.call('HSET', vt_key, priority .. ':' .. tenant, tostring(vt))
+    else
+      local chosen = head[1]
+      redis.call('ZREM', line, chosen)
+      local found = redis.call('HMGET', jobs .. chosen, 'status', 'fal')
+      if found[1] == ARGV[6] and not found[2] then
+        vt = vt + 1 / (weights[tenant] or 1)
+        if redis.call('ZCARD', line) == 0 then
+          redis.call('ZREM', active, tenant)
+          redis.call('HSET', vt_key, priority .. ':' .. tenant, tostring(vt))
+        else
+          redis.call('ZADD', active, vt, tenant)
+        end
+        take(chosen)
+        if chosen == job then return claim() end
+        return {2, chosen}
+      end
+    end
+  end
+end
+return {0, '1.0'}

@@ -285,6 +285,7 @@ def _create(gateway: Gateway, tenant: Tenant, spec: JobCreate, request: LipsyncI
             tenant=tenant.name,
             callback_url=spec.callback_url,
             fal_priority=spec.fal_priority,
+            priority=spec.priority,
         )
     except IdempotencyConflict:
         raise conflict from None

@@ -26,7 +26,7 @@ from lipsync.falhooks import JwksCache, WebhookRejected, verify_delivery
 from lipsync.jobstore import JobStore
 from lipsync.keys import Keys
 from lipsync.lifecycle import step
-from lipsync.models import JobError, JobStatus, LipsyncOutput
+from lipsync.models import Job, JobError, JobStatus, LipsyncOutput
 
 log = logging.getLogger("lipsync.gateway.webhooks")
 
@@ -93,10 +93,15 @@ class FalWebhooks:
         except JobNotFound:
             raise WebhookProblem(404, f"no job with id {job_id!r}", code="job_not_found") from None
         if job.fal is None:
-            if job.status is JobStatus.submitting:  # fal answered faster than submit saved the request id
+            if job.status is not JobStatus.submitting:
+                raise WebhookRejected("the job has no fal request", code="unknown_request")
+            # A POST went out (the claim) and fal's verified delivery to this job's own URL names its
+            # request: the submit's answer was lost, or is still being saved. Either way it is the job's.
+            adopted = self._adopt(job, request_id) if self.store.raw_field(job_id, "submit_claimed_at") else None
+            if adopted is None:
                 raise WebhookProblem(409, "the job's submit is still being recorded; deliver again", code="not_ready")
-            raise WebhookRejected("the job has no fal request", code="unknown_request")
-        if job.fal.request_id != request_id:
+            job = adopted
+        if job.fal is None or job.fal.request_id != request_id:
             raise WebhookRejected("the delivery is for another fal request than this job's", code="unknown_request")
         if job.status not in step("wait").handles:
             return "duplicate"
@@ -124,6 +129,16 @@ class FalWebhooks:
         except Exception as exc:  # the schedule entry sends it a little later
             log.warning("job %s: could not send the store task: %s", job_id, exc)
         return "accepted"
+
+    def _adopt(self, job: Job, request_id: str) -> Job | None:
+        request = self.fal.request_urls(request_id)
+        self.store.advance(
+            job.id, JobStatus.submitted, from_=[JobStatus.submitting], fields={"fal": request.model_dump(mode="json")},
+            event=f"adopted fal request {request_id} from its verified webhook (the submit's answer was lost)",
+            due_at=time.time(),
+        )  # fmt: skip
+        adopted = self.store.get(job.id)
+        return adopted if adopted.fal is not None and adopted.fal.request_id == request_id else None
 
     def record_rejection(self, job_id: str, exc: WebhookRejected, remote: str) -> None:
         log.warning("fal webhook for job %s refused (%s): %s", job_id, exc.code, exc.message)

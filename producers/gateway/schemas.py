@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from lipsync.models import FalPriority, Sync3GenerationOptions, SyncMode
+from lipsync.models import FalPriority, Priority, Sync3GenerationOptions, SyncMode
 from lipsync.public import PublicJob
 
 JOB_ID_PATTERN = r"^[0-9a-f]{32}$"
@@ -39,6 +39,11 @@ class JobCreate(BaseModel):
     callback_url: Annotated[str, Field(min_length=1, max_length=2048)] | None = None
     metadata: Annotated[dict[Annotated[str, Field(max_length=200)], MetadataValue], Field(max_length=50)] = Field(
         default_factory=dict
+    )
+    priority: Priority = Field(
+        default=Priority.normal,
+        description="order in the pipeline's admission to fal: high before normal before low (strict); "
+        "between tenants, free slots are shared by weight. low also goes to fal as low",
     )
     fal_priority: FalPriority | None = Field(
         default=None,

@@ -178,7 +178,7 @@ def test_rate_limited_and_ingress_errors_are_retried_and_paid_once(
     assert all(counters["by_marker"][job.id] == 1 for job in done)
 
 
-def test_lost_submit_answer_fails_the_job_without_a_second_request(
+def test_lost_submit_answer_is_reconciled_without_a_second_request(
     client: Any, media: dict[str, str], emulator: Any
 ) -> None:
     emulator.set_faults(drop_submit="once")
@@ -188,9 +188,8 @@ def test_lost_submit_answer_fails_the_job_without_a_second_request(
         (job,) = client.wait([job.id], timeout_s=120)
     finally:
         emulator.clear_faults()
-    assert job.status is JobStatus.failed
-    assert job.error.code == "submit_outcome_unknown"
-    assert "paying twice" in job.error.message
+    # Issue 12: fal's request listing finds the request the lost answer made; it is adopted.
+    assert job.status is JobStatus.completed, job.error
     assert emulator.created_since(before) == 1
     assert emulator.counters()["by_marker"][job.id] == 1
 

@@ -8,8 +8,8 @@ import httpx
 import pytest
 from pydantic import SecretStr
 
-from lipsync.errors import FalError, InvalidInput, PermanentError, RetryableError
-from lipsync.fal import FalQueueClient, QueueState, SubmitOutcomeUnknown
+from lipsync.errors import FalError, InvalidInput, RetryableError
+from lipsync.fal import AccountRefused, FalQueueClient, QueueState, SubmitOutcomeUnknown
 from lipsync.models import FalRequest
 
 BASE = "https://queue.example.test"
@@ -100,9 +100,10 @@ def test_validation_error_is_permanent_and_readable() -> None:
         fal.submit({}, marker="j")
 
 
-def test_unauthorised_key_is_permanent_and_the_key_is_not_in_the_message() -> None:
+def test_unauthorised_key_pauses_the_account_and_the_key_is_not_in_the_message() -> None:
+    # Issue 12 item 4: a refused key opens the account's breaker (retryable, never a failed job).
     fal = client(lambda r: httpx.Response(401, json={"detail": "no"}))
-    with pytest.raises(PermanentError) as caught:
+    with pytest.raises(AccountRefused) as caught:
         fal.submit({}, marker="j")
     assert "k-123456" not in str(caught.value)
 
