@@ -100,7 +100,14 @@ def submit(job: Job, ctx: Context, lease: Lease) -> Outcome:
         raise
     if account is not None:  # this submit was the probe, and fal took it
         ctx.account.accepted()
-    reconcile.own_request(ctx, job.id, request.request_id)  # no lost answer of the same input adopts it
+    # No lost answer of the same input may adopt it. Like the save that follows, this rides out a
+    # Redis blip in place, naming the paid request in the log while it waits.
+    _SAVE_RETRY.call_with_retry(
+        lambda: reconcile.own_request(ctx, job.id, request.request_id),
+        lambda exc: log.warning(
+            "job %s: recording fal request %s failed (%s); trying again", job.id, request.request_id, exc
+        ),
+    )
     return adopted(job, ctx, request, event=f"submitted to fal as {request.request_id}")
 
 
@@ -122,6 +129,8 @@ def confirm_claim(job: Job, ctx: Context) -> Wait | None:
 
 
 _UNCONFIRMED_WAIT_S = 1.0
+# As the runner's settled write of the request id (workers.runner): about 40 s through a Redis restart.
+_SAVE_RETRY = Retry(EqualJitterBackoff(cap=2.0, base=0.2), retries=30)
 # Taking the claim back rides out the failover that lost its acknowledgement (about 20 s).
 _CLAIM_RETRY = Retry(EqualJitterBackoff(cap=1.0, base=0.1), retries=30)
 
