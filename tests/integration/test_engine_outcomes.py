@@ -130,3 +130,29 @@ def test_the_poller_hands_a_job_fal_completed_to_store_in_the_same_turn(
     assert after.fal is not None and after.fal.output is not None
     # Handed on at once: the schedule's entry (a transfer lease ahead) is only the safety net.
     assert sent == [("store", job.id)], sent
+
+
+def test_a_runner_that_finds_its_lease_taken_at_a_heartbeat_stops_working(stack_env: dict[str, str]) -> None:
+    """A long transfer renews its lease as it goes; when another runner holds the job, it stops there."""
+    sent: list[tuple[str, str]] = []
+    settings = Settings(key_prefix=f"outcomes{uuid.uuid4().hex[:8]}", heartbeat_s=0.0)  # every heartbeat renews
+    ctx = build_context(settings, send=lambda name, job_id: sent.append((name, job_id)))
+    worked_on: list[int] = []
+
+    def transfer(job: Job, ctx: Context, lease: Lease) -> Outcome:
+        for chunk in range(5):
+            if chunk == 2:
+                taken_over(ctx, job.id)
+            lease.heartbeat()  # as `HashingWriter(on_write=lease.heartbeat)` does for every chunk
+            worked_on.append(chunk)
+        return Advance(JobStatus.submitting, event="staged by the stale runner")
+
+    try:
+        job = new_job(ctx)
+        run_step(step("stage"), job.id, ctx, transfer)
+        assert worked_on == [0, 1], f"went on moving bytes for a job another runner holds: chunks {worked_on}"
+        assert ctx.store.get(job.id).status is JobStatus.staging
+        assert ctx.store.raw_field(job.id, "lease_owner") == "newer" and sent == []
+    finally:
+        ctx.fal.close()
+        ctx.redis.close()
