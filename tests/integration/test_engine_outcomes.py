@@ -35,14 +35,55 @@ def engine(stack_env: dict[str, str]) -> Iterator[tuple[Context, list[tuple[str,
     context.redis.close()
 
 
-def new_job(ctx: Context) -> Job:
+def new_job(ctx: Context, deadline_in_s: float = 600) -> Job:
     now = time.time()
     job = Job(
         id=ctx.store.new_id(), status=JobStatus.queued, request=LipsyncInput(video_url="s3://b/v", audio_url="s3://b/a"),
-        request_digest="d", created_at=now, updated_at=now, deadline_at=now + 600,
+        request_digest="d", created_at=now, updated_at=now, deadline_at=now + deadline_in_s,
     )  # fmt: skip
     ctx.store.create(job, dispatch_lease_s=3600)
     return job
+
+
+def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {timeout:.0f} s")
+        time.sleep(0.1)
+
+
+def submit_to_fal(ctx: Context, job: Job, media: dict[str, str]) -> FalRequest:
+    """The job's request, created at fal (the emulator) from staged inputs, as the submit step makes it."""
+    folder = f"staging/{job.id}"
+    ctx.storage.upload_file(media["video_3s"], f"{folder}/video.mp4", content_type="video/mp4")
+    ctx.storage.upload_file(media["audio_3s"], f"{folder}/audio.wav", content_type="audio/wav")
+    arguments = {
+        "video_url": ctx.storage.presign_get(f"{folder}/video.mp4", 600),
+        "audio_url": ctx.storage.presign_get(f"{folder}/audio.wav", 600),
+    }
+    return ctx.fal.submit(arguments, marker=job.id)
+
+
+def at_fal(ctx: Context, job: Job, request: FalRequest) -> None:
+    """The job as the submit step leaves it: at fal with its request, its first check due now."""
+    fields = {"fal": request.model_dump(mode="json")}
+    ctx.store.advance(job.id, JobStatus.submitted, from_=[JobStatus.queued], fields=fields, due_at=time.time())
+
+
+def poller_turn(ctx: Context, sent: list[tuple[str, str]]) -> None:
+    """One turn of a real poller (as an api worker runs it), over HTTP to the emulator."""
+    poller = Poller(ctx.settings, send=lambda name, job_id: sent.append((name, job_id)))
+
+    async def one_turn() -> None:
+        headers = {"Authorization": f"Key {ctx.settings.fal_key.get_secret_value()}"}
+        async with httpx.AsyncClient(headers=headers, timeout=30) as http:
+            await poller.turn(http)
+
+    try:
+        asyncio.run(one_turn())
+    finally:
+        poller.redis.close()
 
 
 def taken_over(ctx: Context, job_id: str) -> None:
@@ -98,33 +139,11 @@ def test_the_poller_hands_a_job_fal_completed_to_store_in_the_same_turn(
 ) -> None:
     ctx, sent = engine
     job = new_job(ctx)
-    folder = f"staging/{job.id}"
-    ctx.storage.upload_file(media["video_3s"], f"{folder}/video.mp4", content_type="video/mp4")
-    ctx.storage.upload_file(media["audio_3s"], f"{folder}/audio.wav", content_type="audio/wav")
-    arguments = {
-        "video_url": ctx.storage.presign_get(f"{folder}/video.mp4", 600),
-        "audio_url": ctx.storage.presign_get(f"{folder}/audio.wav", 600),
-    }
-    request = ctx.fal.submit(arguments, marker=job.id)
-    deadline = time.monotonic() + 60
-    while emulator.inspect(request.request_id)["status"] != "COMPLETED":
-        assert time.monotonic() < deadline, "fal did not complete the request within 60 s"
-        time.sleep(0.1)
+    request = submit_to_fal(ctx, job, media)
+    wait_until(lambda: emulator.inspect(request.request_id)["status"] == "COMPLETED", 60, "fal completed the request")
     assert emulator.inspect(request.request_id).get("error") is None
-    fields = {"fal": request.model_dump(mode="json")}
-    ctx.store.advance(job.id, JobStatus.submitted, from_=[JobStatus.queued], fields=fields, due_at=time.time())
-
-    poller = Poller(ctx.settings, send=lambda name, job_id: sent.append((name, job_id)))
-
-    async def one_turn() -> None:
-        headers = {"Authorization": f"Key {ctx.settings.fal_key.get_secret_value()}"}
-        async with httpx.AsyncClient(headers=headers, timeout=30) as http:
-            await poller.turn(http)
-
-    try:
-        asyncio.run(one_turn())
-    finally:
-        poller.redis.close()
+    at_fal(ctx, job, request)
+    poller_turn(ctx, sent)
     after = ctx.store.get(job.id)
     assert after.status is JobStatus.storing, after.status
     assert after.fal is not None and after.fal.output is not None
@@ -156,3 +175,44 @@ def test_a_runner_that_finds_its_lease_taken_at_a_heartbeat_stops_working(stack_
     finally:
         ctx.fal.close()
         ctx.redis.close()
+
+
+def test_the_poller_fails_a_job_fal_failed_in_fals_own_words(
+    engine: tuple[Context, list[tuple[str, str]]], media: dict[str, str], emulator: Any
+) -> None:
+    """fal answers COMPLETED with an error (the model could not process it): a failure, never an output."""
+    ctx, sent = engine
+    job = new_job(ctx)
+    emulator.set_faults(model_error="once")
+    try:
+        request = submit_to_fal(ctx, job, media)
+    finally:
+        emulator.clear_faults()
+    wait_until(lambda: emulator.inspect(request.request_id)["status"] == "COMPLETED", 60, "fal completed the request")
+    at_fal(ctx, job, request)
+    poller_turn(ctx, sent)
+    after = ctx.store.get(job.id)
+    assert after.status is JobStatus.failed, after.status
+    assert after.error is not None and after.error.code == "fal_error" and after.error.fal_error_type, after.error
+    assert after.error.message.startswith("fal could not process the request"), after.error.message
+    assert sent == [] and after.output is None
+
+
+def test_the_poller_fails_a_job_past_its_deadline_and_cancels_its_request_at_fal(
+    engine: tuple[Context, list[tuple[str, str]]], media: dict[str, str], emulator: Any
+) -> None:
+    """Still running at fal when its deadline has passed: failed in words, and fal is asked to stop."""
+    ctx, sent = engine
+    job = new_job(ctx, deadline_in_s=-60)  # its deadline passed a minute ago
+    emulator.configure(latency="60")
+    try:
+        request = submit_to_fal(ctx, job, media)
+        at_fal(ctx, job, request)
+        poller_turn(ctx, sent)
+        after = ctx.store.get(job.id)
+        assert after.status is JobStatus.failed, after.status
+        assert after.error is not None and after.error.code == "deadline_exceeded", after.error
+        assert emulator.inspect(request.request_id)["cancel_requested"], "fal was not asked to stop the request"
+    finally:
+        emulator.configure(latency="0.3")
+    assert sent == []
