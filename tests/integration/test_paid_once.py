@@ -6,12 +6,14 @@ where it can, looks at its own fal request (`inspect(request_id)`).
 
 from __future__ import annotations
 
+import contextlib
 import time
 import urllib.parse
 from typing import Any
 
 import httpx
 
+from lipsync.errors import InvalidTransition
 from lipsync.models import JobStatus
 
 
@@ -126,7 +128,10 @@ def test_deadline_passing_while_queued_at_fal_fails_the_job_and_cancels_its_requ
         assert request["started"] is None, request["status"]
         assert request["error_type"] == "request_cancelled"  # never ran: nothing to pay
     finally:
-        client.cancel(blocker.id)
+        # The blocker may have ended already (a broken deadline lets it run out): the assertion above
+        # must stay what the test reports, not this cleanup's "nothing to cancel".
+        with contextlib.suppress(InvalidTransition):
+            client.cancel(blocker.id)
         emulator.configure(concurrency=8, latency="0.3")
         short.close()
     assert emulator.created_since(before) == 2
