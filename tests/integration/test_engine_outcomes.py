@@ -6,6 +6,7 @@ to `store` in the same turn, not when the schedule's safety net comes due minute
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -201,18 +202,27 @@ def test_the_poller_fails_a_job_fal_failed_in_fals_own_words(
 def test_the_poller_fails_a_job_past_its_deadline_and_cancels_its_request_at_fal(
     engine: tuple[Context, list[tuple[str, str]]], media: dict[str, str], emulator: Any
 ) -> None:
-    """Still running at fal when its deadline has passed: failed in words, and fal is asked to stop."""
+    """Still waiting in fal's queue when its deadline has passed: failed in words, and fal is asked to
+    drop it (not started, so at no cost). A running request is not cancelled by the deadline: that is
+    tests/integration/test_account.py's."""
     ctx, sent = engine
     job = new_job(ctx, deadline_in_s=-60)  # its deadline passed a minute ago
-    emulator.configure(latency="60")
+    emulator.configure(latency="60", concurrency=1)
+    blocker = None
     try:
-        request = submit_to_fal(ctx, job, media)
+        blocker = submit_to_fal(ctx, new_job(ctx), media)  # holds the account's only runner
+        wait_until(lambda: emulator.inspect(blocker.request_id)["started"] is not None, 30, "the blocker running")
+        request = submit_to_fal(ctx, job, media)  # waits IN_QUEUE behind it
         at_fal(ctx, job, request)
         poller_turn(ctx, sent)
         after = ctx.store.get(job.id)
         assert after.status is JobStatus.failed, after.status
         assert after.error is not None and after.error.code == "deadline_exceeded", after.error
-        assert emulator.inspect(request.request_id)["cancel_requested"], "fal was not asked to stop the request"
+        assert emulator.inspect(request.request_id)["cancel_requested"], "fal was not asked to drop the request"
+        assert emulator.inspect(request.request_id)["started"] is None
     finally:
-        emulator.configure(latency="0.3")
+        if blocker is not None:
+            with contextlib.suppress(Exception):
+                ctx.fal.cancel(blocker)
+        emulator.configure(latency="0.3", concurrency=8)
     assert sent == []
