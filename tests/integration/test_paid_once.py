@@ -182,6 +182,7 @@ def test_request_id_is_saved_through_a_redis_outage_that_starts_while_the_submit
         assert client.get(job.id).fal is None, "saved while Redis was unreachable?"
         proxy.start()
         (job,) = client.wait([job.id], timeout_s=120)
+        events = [entry["event"] for entry in client.store.events(job.id)]
     finally:
         emulator.clear_faults()
         emulator.configure(hang_seconds=60)
@@ -192,6 +193,9 @@ def test_request_id_is_saved_through_a_redis_outage_that_starts_while_the_submit
     assert job.status is JobStatus.completed, job.error
     assert job.fal is not None and job.fal.request_id == request["id"]
     assert emulator.created_since(before) == 1
+    # Saved by the submit that made it, through the outage: not found again later by reconciliation
+    # (which, against fal's own listing, may have to wait out the start timeout).
+    assert f"submitted to fal as {request['id']}" in events, events
 
 
 def test_worker_killed_during_submit_pays_once_and_completes(
