@@ -543,6 +543,8 @@ def build_app(emulator: Emulator) -> Starlette:
         emulator.count_created(found)
         position = emulator.enqueue(found)
         emulator.wakeup.set()
+        if emulator.faults.fire("hang_answer"):
+            await asyncio.sleep(emulator.config.hang_seconds)
         if emulator.faults.fire("drop_submit"):
             return _DroppedAnswer()
         if emulator.faults.fire("runner_5xx_created"):

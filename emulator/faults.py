@@ -8,6 +8,8 @@ from dataclasses import dataclass
 FAULTS = (
     "rate_limit", "ingress_5xx", "runner_5xx", "drop_submit", "hang", "model_error",
     "validation_after", "expire_result", "cdn_404", "runner_5xx_created",
+    # The request is made and runs, but the submit's answer is held for hang_seconds.
+    "hang_answer",
     # A model error that the status does not show: COMPLETED without `error`, the error only on
     # the result fetch (live fal answers some model errors this way).
     "error_on_result_only",
