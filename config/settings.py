@@ -5,15 +5,68 @@ Defaults run against local services; secrets are `SecretStr` so they never print
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
-from typing import Literal
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import AliasChoices, Field, SecretStr
+from pydantic import AfterValidator, AliasChoices, Field, SecretStr, ValidationError
+from pydantic_core import ErrorDetails
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsError as SourceError
+
+from lipsync.errors import LipsyncError
+
+ENV_PREFIX = "LIPSYNC_"
+
+
+class ConfigError(LipsyncError):
+    """A setting has a value the pipeline cannot run with; the message names the variable, the
+    value and what is expected, in one line (a secret's value is never shown)."""
+
+    code = "misconfigured"
+
+
+def _broker_url(url: str) -> str:
+    from config.broker import BrokerUrlError, broker_kind  # config.broker imports this module
+
+    try:
+        broker_kind(url)
+    except BrokerUrlError:
+        raise ValueError("expected redis://, rediss://, sentinel:// or amqp:// (RabbitMQ)") from None
+    return url
+
+
+def _redis_url(url: str) -> str:
+    # The schemes `lipsync.sentinel.redis_from_url` connects to.
+    if urlsplit(url.strip()).scheme.lower() not in ("redis", "rediss", "unix", "sentinel"):
+        raise ValueError("expected redis://, rediss://, unix:// or sentinel://")
+    return url
+
+
+Seconds = Annotated[float, Field(gt=0)]
+SecondsOrZero = Annotated[float, Field(ge=0)]  # where 0 means off, none or at once
+Count = Annotated[int, Field(gt=0)]
+CountOrZero = Annotated[int, Field(ge=0)]
+Rate = Annotated[float, Field(gt=0)]
+Price = Annotated[float, Field(ge=0)]
+Port = Annotated[int, Field(ge=0, le=65535)]  # 0 = off
+BrokerUrl = Annotated[str, AfterValidator(_broker_url)]
+RedisUrl = Annotated[str, AfterValidator(_redis_url)]
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="LIPSYNC_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
+
+    def __init__(self, **values: Any) -> None:
+        # Every way in (CLI, worker, Python API, tests) gets one line naming the variable, not
+        # pydantic's multi-line report.
+        try:
+            super().__init__(**values)
+        except ValidationError as exc:
+            raise ConfigError(describe_settings_errors(exc.errors())) from None
+        except SourceError as exc:  # a JSON-valued variable that is not JSON
+            raise ConfigError(_describe_source_error(exc)) from None
 
     # fal: FAL_KEY is the fal ecosystem's own variable, so it carries no prefix.
     fal_key: SecretStr = Field(default=SecretStr(""), validation_alias=AliasChoices("FAL_KEY", "LIPSYNC_FAL_KEY"))
@@ -24,11 +77,11 @@ class Settings(BaseSettings):
     fal_webhook_url: str = ""
     # fal's webhook signing keys (JWKS), how long they are cached, and the accepted clock skew.
     fal_jwks_url: str = "https://rest.alpha.fal.ai/.well-known/jwks.json"
-    fal_jwks_ttl_s: float = 3600.0
-    fal_webhook_tolerance_s: float = 300.0
+    fal_jwks_ttl_s: SecondsOrZero = 3600.0
+    fal_webhook_tolerance_s: Seconds = 300.0
 
-    broker_url: str = "redis://localhost:6379/0"
-    redis_url: str = "redis://localhost:6379/0"
+    broker_url: BrokerUrl = "redis://localhost:6379/0"
+    redis_url: RedisUrl = "redis://localhost:6379/0"
     key_prefix: str = "lipsync"
 
     s3_endpoint_url: str = ""
@@ -45,84 +98,84 @@ class Settings(BaseSettings):
     resolve_overrides: str = ""
 
     # Limits.
-    max_input_bytes: int = 2 * 1024**3
-    max_duration_s: float = 30 * 60.0
-    max_width: int = 4096
-    max_height: int = 4096
-    fetch_timeout_s: float = 300.0
-    job_deadline_s: float = 2 * 3600.0
-    presign_ttl_s: int = 6 * 3600
-    max_in_flight: int = 10_000
-    submits_per_second: float = 20.0
+    max_input_bytes: Count = 2 * 1024**3
+    max_duration_s: Seconds = 30 * 60.0
+    max_width: Count = 4096
+    max_height: Count = 4096
+    fetch_timeout_s: Seconds = 300.0
+    job_deadline_s: Seconds = 2 * 3600.0
+    presign_ttl_s: Count = 6 * 3600
+    max_in_flight: Count = 10_000
+    submits_per_second: Rate = 20.0
     # Adaptive admission (lipsync/lua/admit.lua): jobs kept at fal = the account's concurrency (the
     # hint below, raised to the most requests seen IN_PROGRESS at once while none waited IN_QUEUE)
     # + this buffer, which covers a submit's round trip; `max_in_flight` stays the ceiling. 0 = off.
-    fal_queue_buffer: int = 4
+    fal_queue_buffer: CountOrZero = 4
     # The concurrency assumed before any has been observed (fal plans run 2-40 at once): set it to
     # your plan's, so a cold start fills the account at once.
-    fal_concurrency_hint: int = 10
+    fal_concurrency_hint: Count = 10
     # Weighted-fair admission across tenants: a tenant's share of free slots is its weight over the
     # weights of the tenants with jobs waiting (a tenant not named weighs 1). JSON, e.g.
     # LIPSYNC_TENANT_WEIGHTS='{"acme": 3, "globex": 1}'. Priorities (high/normal/low) come first.
     tenant_weights: dict[str, float] = Field(default_factory=dict)
     # A running request is not cancelled by the job's deadline (it is being paid for already),
     # only by an explicit cancel or by this generous bound on its time at fal.
-    max_run_s: float = 6 * 3600.0
+    max_run_s: Seconds = 6 * 3600.0
     # A locked account (403 "User is locked") or refused key (401): submits pause, and one probe
     # submit is let through after this interval, doubling up to the max while fal still refuses.
-    fal_account_probe_s: float = 5.0
-    fal_account_probe_max_s: float = 60.0
+    fal_account_probe_s: Seconds = 5.0
+    fal_account_probe_max_s: Seconds = 60.0
     # fal's REST API, for its request listing (GET /v1/models/requests/by-endpoint), which finds
     # the request of a submit whose answer was lost. Empty: https://api.fal.ai with fal's own queue,
     # else the queue URL's host (the emulator serves the listing there).
     fal_api_url: str = ""
     # A request not in the listing counts as absent only once its start timeout has passed (fal
     # may list only ended requests) plus this margin; then the job is submitted again.
-    fal_listing_grace_s: float = 10.0
+    fal_listing_grace_s: SecondsOrZero = 10.0
     # Whether fal's listing shows requests not ended yet. fal's docs do not say, so with fal's own API
     # (None = auto) absence is confirmed only after the start timeout; the emulator lists them (its
     # default), so there "not listed" after `fal_listing_grace_s` is absent.
     fal_listing_lists_unfinished: bool | None = None
 
     # Polling: exponential backoff with jitter, claimed under a short lease.
-    poll_initial_s: float = 1.0
-    poll_max_s: float = 30.0
-    poll_lease_s: float = 60.0
+    poll_initial_s: Seconds = 1.0
+    poll_max_s: Seconds = 30.0
+    poll_lease_s: Seconds = 60.0
     # A transfer task may wait in a busy queue; its dispatch lease covers that wait.
-    transfer_lease_s: float = 300.0
-    heartbeat_s: float = 10.0
-    dispatch_interval_s: float = 0.25
-    dispatch_batch: int = 500
+    transfer_lease_s: Seconds = 300.0
+    heartbeat_s: SecondsOrZero = 10.0
+    dispatch_interval_s: Seconds = 0.25
+    dispatch_batch: Count = 500
 
     # Retries of transient errors, per stage.
-    max_retries: int = 8
-    retry_base_s: float = 1.0
-    retry_max_s: float = 60.0
+    max_retries: CountOrZero = 8
+    retry_base_s: SecondsOrZero = 1.0
+    retry_max_s: SecondsOrZero = 60.0
 
     # Worker.
-    transfer_concurrency: int = 16  # threads: transfers wait on S3 and HTTP, not on the CPU
-    api_concurrency: int = 8
-    http_timeout_s: float = 30.0
+    transfer_concurrency: Count = 16  # threads: transfers wait on S3 and HTTP, not on the CPU
+    api_concurrency: Count = 8
+    http_timeout_s: Seconds = 30.0
     run_dispatcher: bool = True
     work_dir: str = ""  # temp files for media in transit; empty = the system's temp dir
 
     # The HTTP gateway (`lipsync serve`): body cap, per-key rate limit, batch size.
-    gateway_max_body_bytes: int = 1024 * 1024
-    gateway_rate_limit_per_s: int = 20
-    gateway_max_batch: int = 500
+    gateway_max_body_bytes: Count = 1024 * 1024
+    gateway_rate_limit_per_s: Count = 20
+    gateway_max_batch: Count = 500
     # Buckets tenants may name as s3:// sources (comma-separated). They are read with the
     # pipeline's own credentials, so the default is none: tenants give https URLs.
     gateway_s3_buckets: str = ""
 
     # Callbacks to tenants when a job ends: signed, retried with backoff, then given up.
-    callback_max_attempts: int = 8
-    callback_retry_base_s: float = 2.0
-    callback_retry_max_s: float = 300.0
-    callback_timeout_s: float = 10.0
+    callback_max_attempts: Count = 8
+    callback_retry_base_s: SecondsOrZero = 2.0
+    callback_retry_max_s: SecondsOrZero = 300.0
+    callback_timeout_s: Seconds = 10.0
 
     # Prometheus /metrics from each worker's main process (0 = off). Prefork children share values
     # through files in metrics_dir (empty: a per-port dir under the system's temp dir, wiped at start).
-    metrics_port: int = 9808
+    metrics_port: Port = 9808
     metrics_address: str = "127.0.0.1"
     metrics_dir: str = ""
 
@@ -140,19 +193,19 @@ class Settings(BaseSettings):
     # X-Fal-Request-Timeout: seconds a request may wait at fal before a runner starts it; fal then
     # answers 504 and nothing is billed. Every submit sends the job's time left to its deadline,
     # at most this many seconds (0: no bound but the deadline).
-    fal_start_timeout_s: float = 0.0
+    fal_start_timeout_s: SecondsOrZero = 0.0
     # X-Fal-Store-IO: 0 by default. Otherwise fal keeps each request's JSON payloads for 30 days,
     # and ours carry presigned URLs of the inputs (credentials for as long as they are valid).
     fal_store_io: bool = False
     # X-Fal-Object-Lifecycle-Preference: how long fal keeps its CDN copy of the output. We copy it
     # to S3 within minutes, so a day is plenty; 0 sends none (fal's default retention applies).
-    fal_output_lifecycle_s: int = 24 * 3600
+    fal_output_lifecycle_s: CountOrZero = 24 * 3600
     # A second queue host tried only when the first cannot be connected to (nothing reached fal,
     # so a second POST cannot pay twice). Empty = none: fal's documentation names no such host.
     fal_fallback_queue_url: str = ""
 
     # fal's list price for sync-3 per second of output ($8 a minute on the model's page).
-    price_per_output_second_usd: float = 8.0 / 60.0
+    price_per_output_second_usd: Price = 8.0 / 60.0
     # Redis with Sentinel: redis_url and broker_url may be sentinel://h1:26379;sentinel://h2:26379
     # ?master_name=NAME (lipsync.sentinel). The money-critical writes (submit claim, fal request id)
     # then wait for this many replicas to acknowledge them (Redis WAIT), at most redis_ack_timeout_ms;
@@ -172,4 +225,77 @@ class Settings(BaseSettings):
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
+    """The process's settings from its environment; `ConfigError` (one line) for a bad value."""
     return Settings()
+
+
+def env_name(field: str) -> str:
+    """The environment variable a field is read from."""
+    info = Settings.model_fields.get(field)
+    if info is not None and isinstance(info.validation_alias, AliasChoices):
+        first = info.validation_alias.choices[0]
+        if isinstance(first, str):
+            return first
+    return f"{ENV_PREFIX}{field.upper()}"
+
+
+_EXPECTED = {
+    "int_parsing": "a whole number",
+    "int_type": "a whole number",
+    "int_from_float": "a whole number",
+    "float_parsing": "a number",
+    "float_type": "a number",
+    "bool_parsing": "true or false (also 1/0, yes/no, on/off)",
+    "bool_type": "true or false (also 1/0, yes/no, on/off)",
+    "dict_type": 'a JSON object, e.g. {"acme": 3}',
+}
+
+
+def _expected(error: ErrorDetails) -> str:
+    context = error.get("ctx") or {}
+    kind = error["type"]
+    if kind in _EXPECTED:
+        return _EXPECTED[kind]
+    if kind == "greater_than":
+        return f"a number greater than {context['gt']:g}"
+    if kind == "greater_than_equal":
+        return f"a number of at least {context['ge']:g}"
+    if kind == "less_than_equal":
+        return f"a number of at most {context['le']:g}"
+    if kind == "value_error":
+        return str(context.get("error", error["msg"])).removeprefix("expected ")
+    # pydantic's own words otherwise ("Input should be 'normal' or 'low'").
+    return re.sub(r"^Input should be ", "", error["msg"])
+
+
+def _shown(field: str, value: object) -> str:
+    if getattr(Settings.model_fields.get(field), "annotation", None) is SecretStr:
+        return "(hidden)"
+    text = value if isinstance(value, str) else repr(value)
+    # A URL's password is not for a terminal or a log.
+    text = re.sub(r"(://[^:/@\s]*:)[^@/\s]*@", r"\1***@", text)
+    return repr(text)
+
+
+def describe_settings_errors(errors: list[ErrorDetails]) -> str:
+    """One line for all of pydantic's errors: `VAR='value' is not valid: expected ...`, per variable."""
+    parts: dict[str, str] = {}
+    for error in errors:
+        field = str(error["loc"][0]) if error["loc"] else "?"
+        # A union (`bool | None`) reports each branch; the first branch says what is meant.
+        if field in parts or error["type"] == "none_required":
+            continue
+        parts[field] = f"{env_name(field)}={_shown(field, error['input'])} is not valid: expected {_expected(error)}"
+    return "; ".join(parts.values())
+
+
+def _describe_source_error(exc: SourceError) -> str:
+    import os
+
+    found = re.search(r'field "(\w+)"', str(exc))
+    if found is None:
+        return f"the settings could not be read: {exc}"
+    field = found.group(1)
+    name = env_name(field)
+    value = next((v for k, v in os.environ.items() if k.upper() == name), "")
+    return f"{name}={_shown(field, value)} is not valid: expected JSON"

@@ -9,13 +9,14 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import click
 from redis import RedisError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from lipsync.errors import LipsyncError
 from lipsync.models import FalPriority, Job, JobStatus, Priority
@@ -37,6 +38,12 @@ def _client() -> Any:
     return LipsyncClient()
 
 
+def _fail(message: str) -> NoReturn:
+    # Text, not markup: a value quoted in the message may hold brackets.
+    console.print(Text.assemble(("error:", "red"), " ", message), highlight=False)
+    sys.exit(2)
+
+
 def friendly_errors(function: F) -> F:
     """Errors a person can act on, as one line and exit status 2 — never a traceback."""
 
@@ -44,14 +51,11 @@ def friendly_errors(function: F) -> F:
         try:
             return function(*args, **kwargs)
         except LipsyncError as exc:
-            console.print(f"[red]error:[/red] {exc.message}", highlight=False)
-            sys.exit(2)
+            _fail(exc.message)
         except (ConnectionError, OSError) as exc:
-            console.print(f"[red]error:[/red] cannot reach a service: {exc}", highlight=False)
-            sys.exit(2)
+            _fail(f"cannot reach a service: {exc}")
         except RedisError as exc:  # not a builtin ConnectionError: redis-py has its own tree
-            console.print(f"[red]error:[/red] cannot reach Redis: {exc}", highlight=False)
-            sys.exit(2)
+            _fail(f"cannot reach Redis: {exc}")
 
     wrapper.__name__ = function.__name__
     wrapper.__doc__ = function.__doc__
@@ -94,7 +98,19 @@ def _status_text(status: JobStatus) -> str:
     return f"[{colour}]{status.value}[/{colour}]"
 
 
-@click.group()
+class _Commands(click.Group):
+    """The `lipsync` group: a bad setting (`LIPSYNC_*`), wherever a command meets it, is one line."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        from config.settings import ConfigError
+
+        try:
+            return super().invoke(ctx)
+        except ConfigError as exc:
+            _fail(exc.message)
+
+
+@click.group(cls=_Commands)
 @click.version_option(package_name="lipsync-pipeline")
 @click.pass_context
 def main(ctx: click.Context) -> None:
@@ -104,6 +120,11 @@ def main(ctx: click.Context) -> None:
 
         if adopt_running_stack() is not None:
             console.print("[dim]using the local stack of `lipsync dev up` (.lipsync/dev)[/dim]", highlight=False)
+    if ctx.invoked_subcommand not in ("dev", "emulator"):
+        # Checked before the command does anything: a bad value is said before time or money is spent.
+        from config.settings import get_settings
+
+        get_settings()
 
 
 @main.command()
@@ -568,8 +589,13 @@ _DEV_DIR = click.option(
 @click.option("--latency", default="1-3", show_default=True, help="emulator model latency, s")
 def dev_up(home: Path, latency: str) -> None:
     """Start the stack in the background; prints `export` lines: eval "$(lipsync dev up)"."""
+    from config.settings import Settings
     from producers.devenv import DevState, dead_processes, exports, up
 
+    # The stack's workers inherit every other LIPSYNC_* variable: a bad one is said now, in one
+    # line, not as workers that die in the background. Its own services replace these four.
+    local = "redis://127.0.0.1:6379/0"
+    Settings(redis_url=local, broker_url=local, fal_queue_url="http://127.0.0.1", s3_endpoint_url="")
     dead = dead_processes(home) if DevState.load(home) is not None else []
     state, started = up(home, latency)
     if dead:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +20,14 @@ from celery.signals import worker_init, worker_process_init, worker_ready, worke
 from config.celery import celery_config
 from config.logging import configure_logging
 from config.settings import get_settings
+from lipsync.errors import LipsyncError
 
 app = Celery("lipsync")
-app.config_from_object(celery_config(get_settings()))
+try:
+    app.config_from_object(celery_config(get_settings()))
+except LipsyncError as exc:  # a bad LIPSYNC_* value: `celery -A workers.app` would print a traceback
+    print(f"lipsync worker: cannot start: {exc}", file=sys.stderr, flush=True)
+    raise SystemExit(2) from None
 app.autodiscover_tasks(["workers"], related_name="tasks", force=True)
 
 _dispatcher: Any = None
