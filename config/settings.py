@@ -239,6 +239,15 @@ def env_name(field: str) -> str:
     return f"{ENV_PREFIX}{field.upper()}"
 
 
+def _field_of(name: str) -> str:
+    """The field an error's location names: pydantic names an aliased field by the alias it tried."""
+    for field, info in Settings.model_fields.items():
+        aliases = info.validation_alias.choices if isinstance(info.validation_alias, AliasChoices) else []
+        if name.lower() in (str(alias).lower() for alias in aliases):
+            return field
+    return name
+
+
 _EXPECTED = {
     "int_parsing": "a whole number",
     "int_type": "a whole number",
@@ -281,7 +290,7 @@ def describe_settings_errors(errors: list[ErrorDetails]) -> str:
     """One line for all of pydantic's errors: `VAR='value' is not valid: expected ...`, per variable."""
     parts: dict[str, str] = {}
     for error in errors:
-        field = str(error["loc"][0]) if error["loc"] else "?"
+        field = _field_of(str(error["loc"][0]) if error["loc"] else "?")
         # A union (`bool | None`) reports each branch; the first branch says what is meant.
         if field in parts or error["type"] == "none_required":
             continue

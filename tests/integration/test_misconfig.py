@@ -103,7 +103,9 @@ def test_submit_with_the_broker_down_records_the_job_and_says_it_will_run(
 def test_a_broker_url_of_another_kind_is_one_line(stack_env: dict[str, str]) -> None:
     result = lipsync({**stack_env, "LIPSYNC_BROKER_URL": "sqs://queue"}, "status", "any-job")
     assert result.returncode == 2, result.stderr
-    assert "LIPSYNC_BROKER_URL must start with redis://, sentinel:// or amqp://" in result.stderr
+    assert "LIPSYNC_BROKER_URL='sqs://queue' is not valid: expected redis://, rediss://, sentinel:// or amqp://" in (
+        result.stderr
+    )
     assert "Traceback" not in result.stderr
 
 
