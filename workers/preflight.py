@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import sys
-import time
 
 import redis
 
@@ -47,7 +46,10 @@ def check_redis(settings: Settings) -> list[str]:
     return warnings
 
 
-BUCKET_GRACE_S = 20.0
+# S3 that does not answer at start (restarting, not up yet) is asked again with botocore's own
+# backoff, this many attempts in all (a few seconds when the port is closed, at most about a minute
+# when it hangs); then the worker starts anyway, and its stages retry S3 like any transient error.
+S3_ATTEMPTS = 4
 
 
 class WorkerMisconfigured(SystemExit):
@@ -59,13 +61,10 @@ def check_worker(settings: Settings) -> list[str]:
     from lipsync.checks import bucket_problem, fal_key_problem
     from lipsync.storage import Storage
 
-    storage = Storage(settings, max_attempts=2)
-    # A bucket made by the same deployment a moment after the workers start (an init job, a
-    # test fixture) is not a misconfiguration: wait a little for it before refusing.
-    deadline = time.monotonic() + BUCKET_GRACE_S
-    while (missing := bucket_problem(storage)) is not None and time.monotonic() < deadline:
-        time.sleep(1.0)
-    problems = [fal_key_problem(settings), missing]
+    # A bucket that does not exist is said at once, not waited for: every deployment of this project
+    # makes it before the workers start (compose's minio-init, `lipsync dev up`, the test fixtures).
+    storage = Storage(settings, max_attempts=S3_ATTEMPTS, connect_timeout_s=2, read_timeout_s=10)
+    problems = [fal_key_problem(settings), bucket_problem(storage)]
     return [problem for problem in problems if problem]
 
 
