@@ -161,7 +161,7 @@ class Settings(BaseSettings):
 
     # The HTTP gateway (`lipsync serve`): body cap, per-key rate limit, batch size.
     gateway_max_body_bytes: Count = 1024 * 1024
-    gateway_rate_limit_per_s: Count = 20
+    gateway_rate_limit_per_s: CountOrZero = 20  # 0 = no limit
     gateway_max_batch: Count = 500
     # Buckets tenants may name as s3:// sources (comma-separated). They are read with the
     # pipeline's own credentials, so the default is none: tenants give https URLs.
