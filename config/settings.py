@@ -215,6 +215,13 @@ class Settings(BaseSettings):
     redis_ack_timeout_ms: int = Field(default=1000, gt=0)
     redis_ack_policy: Literal["refuse", "single_host"] = "refuse"
 
+    # fal input download failures: fal answered `file_download_error` (it could not fetch a presigned
+    # input from our S3; the model never ran). The job is submitted again with fresh URLs after a
+    # backoff (first wait, doubling to the cap), at most this many times, while its deadline leaves time.
+    fal_download_resubmits: int = Field(default=3, ge=0)
+    fal_download_backoff_s: float = Field(default=2.0, gt=0)
+    fal_download_backoff_max_s: float = Field(default=30.0, gt=0)
+
     def allowed_private_hosts(self) -> frozenset[str]:
         return frozenset(host.strip().lower() for host in self.allow_private_urls.split(",") if host.strip())
 

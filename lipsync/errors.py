@@ -63,6 +63,21 @@ class FalError(PermanentError):
         self.error_type = error_type
 
 
+class InputDownloadFailed(FalError):
+    """fal could not download one of the job's inputs (fal's model error type `file_download_error`).
+
+    The model never ran on that request. Usually our own S3 (a presigned URL) was out of fal's
+    reach for a while, so the job is submitted again with fresh URLs, a bounded number of times
+    (`lipsync.jobs.after_input_download_failure`); only then does it fail with this code."""
+
+    code = "input_download_failed"
+
+    def __init__(self, message: str, *, input_name: str, fal_message: str) -> None:
+        super().__init__(message, error_type="file_download_error")
+        self.input_name = input_name
+        self.fal_message = fal_message
+
+
 class JobNotFound(LipsyncError):
     code = "job_not_found"
 

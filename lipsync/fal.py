@@ -18,7 +18,7 @@ import httpx
 from pydantic import SecretStr
 
 from config.settings import Settings
-from lipsync.errors import FalError, InvalidInput, PermanentError, RetryableError
+from lipsync.errors import FalError, InputDownloadFailed, InvalidInput, PermanentError, RetryableError
 from lipsync.models import FalLog, FalPriority, FalRequest
 
 # Statuses that say "try again" without anything having happened (RETRY_CODES in fal-client).
@@ -47,6 +47,10 @@ STORE_IO_HEADER = "X-Fal-Store-IO"
 # How long fal keeps the output on its CDN, as {"expiration_duration_seconds": N}. We copy the
 # video to our own bucket within minutes, so fal's copy need not outlive the day.
 OBJECT_LIFECYCLE_HEADER = "X-Fal-Object-Lifecycle-Preference"
+# fal's model error type for an input URL it could not fetch (fal docs "Model Errors",
+# documentation/model-apis/errors): the body is {"detail": [{"loc": ["body", field], "msg", "type"}]},
+# `type` the machine-readable category to branch on, `msg` for a person. The model never ran.
+FILE_DOWNLOAD_ERROR = "file_download_error"
 
 
 @dataclass(frozen=True)
@@ -131,6 +135,36 @@ def is_ingress_error(response: httpx.Response) -> bool:
         and "x-fal-request-id" not in response.headers
         and "nginx" in response.text.lower()
     )
+
+
+def download_failure(body: object, fallback: str | None = None) -> InputDownloadFailed | None:
+    """A fal model-error body that says an input could not be downloaded, as `InputDownloadFailed`
+    naming the input (`loc`) and fal's words (`msg`); None for any other body. `fallback`: fal's
+    error text to use when the body does not say which input (a status whose error_type said so)."""
+    detail = body.get("detail") if isinstance(body, dict) else None
+    for item in detail if isinstance(detail, list) else []:
+        if isinstance(item, dict) and item.get("type") == FILE_DOWNLOAD_ERROR:
+            field = ".".join(str(part) for part in item.get("loc") or [] if part != "body") or "an input"
+            return _download_failed(field, str(item.get("msg") or "no reason given")[:500])
+    if fallback is not None:
+        return _download_failed("an input", fallback[:500])
+    return None
+
+
+def _download_failed(input_name: str, fal_message: str) -> InputDownloadFailed:
+    return InputDownloadFailed(
+        f"fal could not download the inputs ({input_name}: {fal_message})",
+        input_name=input_name,
+        fal_message=fal_message,
+    )
+
+
+def _json(response: httpx.Response) -> object:
+    try:
+        body: object = response.json()
+    except ValueError:
+        return None
+    return body
 
 
 def _detail(response: httpx.Response) -> str:
@@ -383,6 +417,9 @@ class FalQueueClient:
                 f"fal refused the key ({status}) on {operation}; check FAL_KEY",
                 code="fal_unauthorized",
             )
+        failed_download = download_failure(_json(response))
+        if failed_download is not None:  # not the input's fault: fal could not fetch it (our S3 away)
+            return failed_download
         if status == 422:
             return InvalidInput(f"fal rejected the input: {_detail(response)}", code="fal_validation_error")
         if status == 404:

@@ -12,19 +12,24 @@ from typing import Any
 
 from config.settings import Settings
 from lipsync import lifecycle
-from lipsync.errors import InvalidTransition
+from lipsync.errors import InputDownloadFailed, InvalidTransition
 from lipsync.fal import FalQueueClient
 from lipsync.jobstore import JobStore
 from lipsync.models import AT_FAL_STATUSES, FalLog, FalRequest, File, Job, JobError, JobStatus, LipsyncOutput
+from lipsync.storage import Storage
 
 log = logging.getLogger("lipsync.jobs")
 
 LOG_TAIL = 20
+# Resubmissions after fal could not download the job's inputs (bounded by `fal_download_resubmits`).
+DOWNLOAD_RESUBMITS = "attempts:input_download"
 # Fields a retry clears: the job starts over from staging with a fresh deadline.
 RETRY_CLEARS = (
     "fal", "error", "output", "submit_claimed_at", "submit_input", "logs", "lease_owner", "lease_until",
-    *(f"attempts:retry_{step.name}" for step in lifecycle.STEPS),
+    DOWNLOAD_RESUBMITS, *(f"attempts:retry_{step.name}" for step in lifecycle.STEPS),
 )  # fmt: skip
+# Fields a resubmission clears: the request fal ended without running the model, and its submit's claim.
+RESUBMIT_CLEARS = ("fal", "submit_claimed_at", "submit_input")
 
 # Sends "look at job X now" to a step's queue: (step name, job id).
 Sender = Callable[[str, str], None]
@@ -79,6 +84,59 @@ def finish_with_error(store: JobStore, job_id: str, error: JobError, *, via: str
     """fal finished the request with an error: fail the job in fal's words, once."""
     count = [] if via == "poll" else [f"attempts:{via}"]
     return store.fail(job_id, error, from_=AT_FAL_STATUSES, count=count, by=via).applied
+
+
+def staged_inputs_missing(storage: Storage, job: Job) -> list[str]:
+    """The job's staged inputs that are gone from our S3 (heads each one). Raises RetryableError
+    when S3 cannot be reached from here either."""
+    return [name for name, staged in sorted(job.inputs.items()) if storage.head(staged.staging_key) is None]
+
+
+def after_input_download_failure(
+    store: JobStore,
+    settings: Settings,
+    job_id: str,
+    failure: InputDownloadFailed,
+    *,
+    resubmits: int,
+    deadline_at: float,
+    via: str,
+    missing: Sequence[str] = (),
+) -> JobStatus | None:
+    """fal could not download the job's inputs (`file_download_error`): the model never ran, and the
+    inputs are ours and fine, so a blip of our own S3 must not cost the job. It is submitted again with
+    fresh presigned URLs after a backoff, at most `fal_download_resubmits` times and while the deadline
+    leaves time; then it fails in words (`input_download_failed`). `missing`: staged inputs found gone
+    from S3, which no resubmission can bring back. Returns where the job went (None: another door first)."""
+    now = time.time()
+    delay = lifecycle.backoff(resubmits + 1, settings.fal_download_backoff_s, settings.fal_download_backoff_max_s)
+    what = f"{failure.input_name}: {failure.fal_message}"
+    bound = settings.fal_download_resubmits
+    if not missing and resubmits < bound and now + delay < deadline_at:
+        event = (
+            f"fal could not download the inputs ({what}); submitting again in {delay:.0f} s "
+            f"with fresh URLs (resubmission {resubmits + 1} of {bound})"
+        )
+        log.warning("job %s: %s", job_id, event)
+        moved = store.resubmit(
+            job_id, from_=AT_FAL_STATUSES, clear=RESUBMIT_CLEARS, event=event, due_at=now + delay,
+            count=[DOWNLOAD_RESUBMITS],
+        )  # fmt: skip
+        return JobStatus.submitting if moved.applied else None
+    if missing:
+        why = f"; the staged {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} gone from our S3"
+    elif resubmits >= bound:
+        why = f", {resubmits + 1} times (submitted again {resubmits} times with fresh URLs)"
+    else:
+        why = "; the job's deadline leaves no time to submit it again"
+    error = JobError(
+        code=failure.code,
+        message=f"fal could not download the inputs from our S3 ({what}){why}. The model never ran on it. "
+        "Check that the staging bucket is reachable from fal, then `lipsync retry` the job.",
+        fal_error_type=failure.error_type,
+        stage=via,
+    )
+    return JobStatus.failed if finish_with_error(store, job_id, error, via=via) else None
 
 
 def cancel(store: JobStore, settings: Settings, job_id: str, *, by: str = "the producer") -> Job:

@@ -343,12 +343,22 @@ class JobStore:
             due=repr(due_at), event=event,
         )  # fmt: skip
 
-    def resubmit(self, job_id: str, *, from_: Iterable[JobStatus], clear: Iterable[str], event: str) -> Moved:
-        """fal dropped the job's request unstarted and unbilled (its start timeout): back to `submitting`,
-        due now, its request forgotten (the admission slot is given back as it leaves fal)."""
+    def resubmit(
+        self,
+        job_id: str,
+        *,
+        from_: Iterable[JobStatus],
+        clear: Iterable[str],
+        event: str,
+        due_at: float | None = None,
+        count: Iterable[str] = (),
+    ) -> Moved:
+        """fal ended the job's request without running the model (its start timeout, an input it
+        could not download): back to `submitting`, due at `due_at` (None: now), its request
+        forgotten (the admission slot is given back as it leaves fal)."""
         return self._move(
-            job_id, to=JobStatus.submitting, from_=from_, delete=clear, count=["attempts:resubmits"],
-            due=repr(time.time()), event=event,
+            job_id, to=JobStatus.submitting, from_=from_, delete=clear, count=["attempts:resubmits", *count],
+            due=repr(time.time() if due_at is None else due_at), event=event,
         )  # fmt: skip
 
     def store_again(

@@ -30,14 +30,22 @@ import redis
 
 from config.settings import Settings
 from lipsync import jobs
-from lipsync.errors import FalError, PermanentError, RetryableError
-from lipsync.fal import START_TIMEOUT_TYPE_HEADER, FalQueueClient, QueueState, QueueStatus
+from lipsync.errors import FalError, InputDownloadFailed, PermanentError, RetryableError
+from lipsync.fal import (
+    FILE_DOWNLOAD_ERROR,
+    START_TIMEOUT_TYPE_HEADER,
+    FalQueueClient,
+    QueueState,
+    QueueStatus,
+    download_failure,
+)
 from lipsync.jobstore import JobStore, WaitingJob
 from lipsync.keys import Keys
 from lipsync.lifecycle import backoff, step
 from lipsync.models import AT_FAL_STATUSES, FalLog, FalRequest, JobError, JobStatus
 from lipsync.observe import observed_store
 from lipsync.redis_client import connect
+from lipsync.storage import Storage
 
 log = logging.getLogger("lipsync.poller")
 
@@ -121,6 +129,7 @@ class Poller:
         self.keys = Keys(settings.key_prefix)
         self.lease_s = step("wait").lease_s(settings)
         self._fal: FalQueueClient | None = None
+        self._s3: Storage | None = None  # built at the first input fal could not download
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._main, name="lipsync-poller", daemon=True)
         self._inference_times: list[float] = []
@@ -211,6 +220,9 @@ class Poller:
                     self._not_started(job, request)
                     return
             if status.error:
+                failed_download = await self._download_failure(http, request, status)
+                if failed_download is not None:
+                    raise failed_download
                 raise FalError(
                     f"fal could not process the request: {status.error}"
                     + (f" ({status.error_type})" if status.error_type else ""),
@@ -219,6 +231,9 @@ class Poller:
             body = await self._result(http, request)
         except RetryableError as exc:
             self._retry_later(job, exc.message, exc.delay)
+            return
+        except InputDownloadFailed as exc:
+            await self._inputs_not_downloaded(job, exc)
             return
         except PermanentError as exc:
             self._fail(job, request, exc)
@@ -254,7 +269,54 @@ class Poller:
             raise RetryableError("fal says the result is not ready yet", delay=1.0)
         raise FalQueueClient._error(response, "result")
 
+    async def _download_failure(
+        self, http: httpx.AsyncClient, request: FalRequest, status: QueueStatus
+    ) -> InputDownloadFailed | None:
+        """Whether a failed request failed because fal could not download an input: its result (the
+        model error's `detail`) says so; so may the status's error_type."""
+        response = await self._get(http, request.response_url)
+        error = None if response.status_code == 200 else FalQueueClient._error(response, "result")
+        if isinstance(error, InputDownloadFailed):
+            return error
+        return download_failure(None, status.error) if status.error_type == FILE_DOWNLOAD_ERROR else None
+
     # outcomes ----------------------------------------------------------------
+    async def _inputs_not_downloaded(self, job: WaitingJob, failure: InputDownloadFailed) -> None:
+        """fal could not download the inputs: submit again with fresh URLs if our S3 has them and is
+        reachable (`jobs.after_input_download_failure` bounds it); while S3 cannot be reached from here
+        either, a resubmission would fail the same way, so wait and look again, until the deadline."""
+        full = self.store.get(job.id)
+        if self._s3 is None:
+            self._s3 = Storage(self.settings)
+        try:
+            missing = await asyncio.to_thread(jobs.staged_inputs_missing, self._s3, full)
+        except RetryableError as exc:
+            if time.time() < job.deadline_at:
+                # A short look-again, not the job's poll backoff: S3 back is the moment to resubmit.
+                wait = backoff(1, self.settings.fal_download_backoff_s, self.settings.fal_download_backoff_max_s)
+                self._retry_later(
+                    job,
+                    f"{failure.message}, and our S3 cannot be reached from here either ({exc.message}); "
+                    "looking again before submitting again",
+                    wait,
+                )
+                return
+            missing = []  # the deadline passed with S3 away: fail in words below
+        except PermanentError as exc:  # S3 answers, but not about the object (access): resubmit, bounded
+            log.warning("job %s: could not check the staged inputs: %s", job.id, exc.message)
+            missing = []
+        moved = jobs.after_input_download_failure(
+            self.store,
+            self.settings,
+            job.id,
+            failure,
+            resubmits=full.attempts.get(jobs.DOWNLOAD_RESUBMITS.partition(":")[2], 0),
+            deadline_at=job.deadline_at,
+            via="poll",
+            missing=missing,
+        )
+        log.info("job %s: fal could not download the inputs; %s", job.id, moved.value if moved else "already moved")
+
     def _still_waiting(self, job: WaitingJob, request: FalRequest, status: QueueStatus) -> None:
         to = JobStatus.in_queue if status.state is QueueState.in_queue else JobStatus.in_progress
         due_at = self._next_check(job)

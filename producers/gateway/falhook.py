@@ -21,7 +21,7 @@ from pydantic import ValidationError
 from config.settings import Settings
 from lipsync import jobs
 from lipsync.errors import JobNotFound, LipsyncError, RetryableError
-from lipsync.fal import FalQueueClient
+from lipsync.fal import FalQueueClient, download_failure
 from lipsync.falhooks import JwksCache, WebhookRejected, verify_delivery
 from lipsync.jobstore import JobStore
 from lipsync.keys import Keys
@@ -105,6 +105,12 @@ class FalWebhooks:
             raise WebhookRejected("the delivery is for another fal request than this job's", code="unknown_request")
         if job.status not in step("wait").handles:
             return "duplicate"
+        if outcome == "ERROR" and download_failure(document.get("payload")) is not None:
+            # fal could not download the inputs: not the job's end. The poller decides, as for a poll
+            # (our S3 checked, submitted again after a backoff, bounded): its check is brought forward.
+            self.store.check_again(job.id, time.time())
+            self.store.note(job.id, event="fal could not download the inputs (by webhook); checking the job now")
+            return "accepted"
         if outcome == "ERROR":
             error = JobError(
                 code="fal_error",

@@ -23,6 +23,7 @@ from typing import Any
 import psutil
 import redis
 
+from lipsync.fal import download_failure
 from lipsync.jobstore import JobStore
 from lipsync.models import Job, JobStatus, SyncMode, output_duration
 from lipsync.probe import probe
@@ -145,7 +146,19 @@ def verify(
     unknown_answers = sum(
         1 for job in jobs if job.status is JobStatus.failed and job.error and job.error.code == "submit_outcome_unknown"
     )
-    orphans = [r for r in created if r["id"] not in recorded]
+    # A request fal ended because it could not download the inputs (the model never ran) is left
+    # behind by design when its job is submitted again: each such extra request must be one that
+    # fal failed with file_download_error, and its job must have counted the resubmission.
+    unrecorded = [r for r in created if r["id"] not in recorded]
+    resubmitted = [r for r in unrecorded if r["status"] == "COMPLETED" and _failed_download(emulator, r["id"])]
+    resubmitted_by_job: dict[str, int] = {}
+    for request in resubmitted:
+        resubmitted_by_job[request["marker"]] = resubmitted_by_job.get(request["marker"], 0) + 1
+    for job_id, count in resubmitted_by_job.items():
+        counted = by_id[job_id].attempts.get("input_download", 0) if job_id in by_id else 0
+        if count > counted:
+            problems.append(f"job {job_id} left {count} failed downloads at fal but counted {counted} resubmissions")
+    orphans = [r for r in unrecorded if r not in resubmitted]
     missing_at_fal = recorded - {r["id"] for r in created}
     duplicates = max(0, len(orphans) - unknown_answers)
     if duplicates:
@@ -155,9 +168,19 @@ def verify(
         )
     if missing_at_fal:
         problems.append(f"{len(missing_at_fal)} recorded request ids were never created at fal")
-    marked_twice = sum(max(0, by_marker.get(job_id, 0) - 1) for job_id in submitted.job_ids)
+    marked_twice = sum(
+        max(0, by_marker.get(job_id, 0) - 1 - resubmitted_by_job.get(job_id, 0)) for job_id in submitted.job_ids
+    )
     if marked_twice:
         problems.append(f"{marked_twice} jobs sent more than one fal request")
+    # Never two model runs for one job: at most one request per job that fal completed without an error.
+    succeeded: dict[str, int] = {}
+    for request in created:
+        if request["status"] == "COMPLETED" and request["error_type"] is None and request["marker"]:
+            succeeded[request["marker"]] = succeeded.get(request["marker"], 0) + 1
+    ran_twice = [job_id for job_id, count in succeeded.items() if count > 1]
+    if ran_twice:
+        problems.append(f"{len(ran_twice)} jobs had the model run more than once at fal: {ran_twice[:5]}")
     for job in jobs:
         if client.store.scheduled_at(job.id) is not None and job.terminal:
             problems.append(f"job {job.id} is {job.status.value} but still in the schedule")
@@ -186,6 +209,7 @@ def verify(
         "failed": sum(job.status is JobStatus.failed for job in jobs),
         "failures_by_code": failures,
         "fal_requests": len(created),
+        "resubmitted_after_failed_download": len(resubmitted),
         "faults_injected": counters.get("faults_injected", {}),
         "retries": retries,
         "duplicates": duplicates,
@@ -194,6 +218,15 @@ def verify(
         **(extra or {}),
     }
     return Verdict(jobs, figures, problems)
+
+
+def _failed_download(emulator: Any, request_id: str) -> bool:
+    """fal (the emulator) ended this request with file_download_error: it could not fetch an input."""
+    try:
+        found = emulator.inspect(request_id)
+    except Exception:  # swept by retention: not provably a failed download
+        return False
+    return download_failure(found.get("error_body")) is not None
 
 
 def check_output(client: Any, job: Job, expected: float, tmp_path: Path) -> list[str]:

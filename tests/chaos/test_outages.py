@@ -27,7 +27,6 @@ from typing import Any
 import psutil
 import pytest
 
-from lipsync.models import JobStatus
 from producers.devstack import DEFAULT_WORKERS, WorkerSpec
 from tests.chaos.conftest import ChaosStack
 from tests.chaos.harness import Progress, pool_children, submit_batch, verify
@@ -228,33 +227,32 @@ def test_redis_restarted_mid_batch_loses_nothing(
 def test_s3_unreachable_for_ten_seconds_loses_nothing(
     stack: ChaosStack, client: Any, small_media: Any, tmp_path: Path, chaos_figures: list[dict[str, Any]]
 ) -> None:
-    """Every connection to S3 refused (and open ones reset) for 10 s, for workers and fal alike."""
+    """Every connection to S3 refused (and open ones reset) for 10 s, for workers and fal alike.
+
+    fal cannot download the inputs of the requests it runs meanwhile and fails them with
+    `file_download_error`; the model never ran on those, and the inputs are fine: each such job
+    is submitted again with fresh URLs once S3 is back, and completes. Nothing is explained by the
+    outage any more, and no job has the model run twice."""
     submitted = submit_batch(client, small_media, JOBS, "s3-outage")
     with Progress(client.settings.redis_url, client.settings.key_prefix, submitted.job_ids) as progress:
         progress.wait_for(JOBS // 5, timeout=120)
-        down_at = time.time()
         stack.s3_proxy.stop()
         time.sleep(10)  # the outage itself
         stack.s3_proxy.start()
         restored = [time.time()]
-        # fal cannot download inputs while S3 is away: those requests fail at fal, in its words;
-        # each is checked below to be one fal was running during the outage.
-        at_fal = stack.emulator.counters()["created"]
         verdict = finish(
             stack, client, progress, submitted, "S3 unreachable 10 s", tmp_path, chaos_figures,
-            explained={"fal_error": at_fal, "fal_validation_error": at_fal}, restored=restored,
-            extra={"disruptions": 1, "s3_down_s": 10}, recovery_bound_s=RECOVERY_AFTER_OUTAGE_S,
+            explained={}, restored=restored, extra={"disruptions": 1, "s3_down_s": 10},
+            recovery_bound_s=RECOVERY_AFTER_OUTAGE_S,
         )  # fmt: skip
-    at_fal_now = {request["id"]: request for request in stack.emulator.requests()}
-    for job in verdict.jobs:
-        if job.status is JobStatus.failed:
-            assert job.fal is not None, job.error
-            request = at_fal_now[job.fal.request_id]
-            ran_from, ran_to = request["started"], request["finished"]
-            # It ran (downloaded its inputs) while S3 was away, give or take a second.
-            assert ran_from is not None and ran_from <= restored[0] + 1 and ran_to >= down_at - 1, (
-                job.id, job.error, request["started"], request["finished"], down_at, restored[0],
-            )  # fmt: skip
+    assert verdict.figures["completed"] >= 95, verdict.figures
+    # The extra requests at fal are the resubmissions only (`verify` checks each one failed with
+    # file_download_error and was counted by its job), so the outage must have caused some here:
+    # else this run proves nothing about them.
+    resubmitted = verdict.figures["resubmitted_after_failed_download"]
+    assert verdict.figures["fal_requests"] == JOBS + resubmitted, verdict.figures
+    assert resubmitted > 0, "fal never failed a download during the outage: the scenario proves nothing"
+    assert sum(job.attempts.get("input_download", 0) for job in verdict.jobs) == resubmitted
 
 
 def inject_in_turn(emulator: Any, faults: list[tuple[str, int]]) -> None:
