@@ -110,6 +110,13 @@ def _unsigned(value: Any) -> Any:
     return value
 
 
+def spoil(path: Path) -> None:
+    """Replace an encoded output with bytes that are not a video: its first 32 bytes (the mp4's
+    `ftyp` box, so it still looks like an mp4 by its magic), then text. No stream can be read."""
+    head = path.read_bytes()[:32]
+    path.write_bytes(head + b"not a video: the bytes fal's CDN served for this output\n" * 64)
+
+
 def parse_latency(text: str) -> tuple[float, float]:
     low, _, high = text.partition("-")
     return (float(low), float(high or low))
@@ -285,6 +292,8 @@ class Emulator:
                 detail = [{"loc": ["body", "video_url"], "msg": message, "type": "value_error"}]
                 self._fail(found, "bad_input", message, 422, {"detail": detail})
             else:
+                if "bad_output" in found.inject:  # fal's CDN keeps bytes that are not a video
+                    spoil(folder / name)
                 size = (folder / name).stat().st_size
                 found.output = {
                     "video": {
@@ -536,7 +545,7 @@ def build_app(emulator: Emulator) -> Starlette:
         except ValueError as exc:
             return _fal_json({"detail": str(exc)}, 400)
         for name in ("model_error", "validation_after", "expire_result", "cdn_404", "error_on_result_only",
-                     "webhook_payload_error", "wrong_file_size"):  # fmt: skip
+                     "webhook_payload_error", "wrong_file_size", "bad_output"):  # fmt: skip
             if emulator.faults.fire(name):
                 found.inject.add(name)
         emulator.requests[found.id] = found

@@ -18,6 +18,9 @@ FAULTS = (
     "webhook_payload_error",
     # The output File's `file_size` differs from the bytes the CDN serves.
     "wrong_file_size",
+    # The CDN serves bytes that are not a video (an mp4's `ftyp` box, then garbage) under a video
+    # content type; the output File's `file_size` is the size served, so only a probe can tell.
+    "bad_output",
 )  # fmt: skip
 
 

@@ -37,7 +37,10 @@ def store(job: Job, ctx: Context, lease: Lease) -> Advance:
                 f"fal's output is {expected} bytes but {writer.size} arrived; fetching it again",
                 code="output_size_mismatch",
             )
-        found = probe(path)
+        try:
+            found = probe(path)
+        except InvalidInput as exc:  # fal's output, not the user's input: it is not a video at all
+            raise PermanentError(f"fal's output is not a video: {exc.message}", code="bad_output") from None
         if not found.has_video:
             raise PermanentError("fal's output has no video stream", code="bad_output")
         key = output_key(ctx, job.id)

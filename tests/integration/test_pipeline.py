@@ -9,6 +9,7 @@ import sys
 import time
 from typing import Any
 
+import httpx
 import pytest
 
 from lipsync.errors import IdempotencyConflict, InvalidInput
@@ -238,4 +239,37 @@ def test_cancel_stops_the_fal_request_and_retry_starts_over(client: Any, media: 
     (done,) = client.wait([job.id], timeout_s=120)
     assert done.status is JobStatus.completed
     assert done.fal is not None and done.fal.request_id != at_fal.request_id
+    assert emulator.created_since(before) == 2  # the retry paid once more, by the user's choice
+
+
+def test_output_that_is_not_a_video_fails_the_job_as_bad_output_stores_nothing_and_retry_submits_again(
+    client: Any, media: dict[str, str], emulator: Any, tmp_path: Any
+) -> None:
+    """fal's CDN serves bytes that are not a video, of the size fal announced: only the probe can tell."""
+    before = emulator.counters()
+    emulator.set_faults(bad_output="once")
+    try:
+        job = client.submit(media["video_3s"], media["audio_3s"])
+        (job,) = client.wait([job.id], timeout_s=120)
+    finally:
+        emulator.clear_faults()
+    assert job.fal is not None and job.fal.output is not None, (job.status, job.error)
+    assert "bad_output" in emulator.inspect(job.fal.request_id)["inject"], "the fault missed this job's request"
+    assert job.status is JobStatus.failed, job.status
+    assert job.error is not None and job.error.code == "bad_output" and job.error.stage == "store", job.error
+    assert job.error.message.startswith("fal's output is not a video"), job.error.message
+    assert "Traceback" not in job.error.message
+    # The size check had nothing to say: what fal announced is what its CDN served.
+    served = httpx.get(job.fal.output.url, timeout=30)
+    assert served.status_code == 200 and len(served.content) == job.fal.output.file_size
+    assert job.output is None
+    assert not client.storage.exists(f"outputs/{job.id}.mp4")
+    assert emulator.created_since(before) == 1
+    # fal's copy is bad (jobs._OUTPUT_LOST): a retry does not store it again, it submits the job anew.
+    again = client.retry(job.id)
+    assert again.status is JobStatus.queued and again.fal is None
+    (done,) = client.wait([job.id], timeout_s=120)
+    assert done.status is JobStatus.completed, done.error
+    assert done.fal is not None and done.fal.request_id != job.fal.request_id
+    assert abs(stored_output_duration(client, done, tmp_path) - 3.0) <= FRAME
     assert emulator.created_since(before) == 2  # the retry paid once more, by the user's choice
