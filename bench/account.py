@@ -11,6 +11,7 @@ The full-scale figures of the issue (C 10, L 30 s, 2,000 + 20 jobs, a 60 s lock)
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import tempfile
 import threading
@@ -106,6 +107,11 @@ def main(
         stop.set()
         sampler.join()
         workers.stop()
+        # Submit tasks run (Celery logs each one received): about 1 a job when no job spins.
+        submit_tasks = sum(
+            len(re.findall(r"Task lipsync\.submit\[[^\]]*\] received", Path(log).read_text(errors="replace")))
+            for log in workers.logs.values()
+        )
         jobs = {job.id: job for job in client.store.get_many(ids)}
         by_marker: dict[str, int] = emulator.counters()["by_marker"]
         b_times = [
@@ -132,6 +138,8 @@ def main(
             "account_bound_s": bound,
             "makespan_over_bound": makespan / bound,
             "makespan_less_lock_over_bound": (makespan - lock_s) / bound,
+            "submit_tasks": submit_tasks,
+            "submit_tasks_per_job": submit_tasks / len(ids),
             "lock_refusals": refusals,
             "lock_refusals_allowed": lock_s / probe_s + 1,
             "resumed_after_top_up_s": (min(created_after) - unlocked_at) if created_after else None,
