@@ -6,6 +6,11 @@ slot. A slot is part of the job's state: it is taken here, by the submit step, a
 by the job store's one write (`lua/move.lua`) when the job leaves fal, whichever way it leaves
 (result stored, failed, cancelled, retried, or a submit that did not reach fal). Nothing
 releases a slot by hand.
+
+A job refused for a full cap does not spin: it waits `recheck_s` (a safety net, 30 s by default),
+and the slot freed when a job leaves fal is handed at once to the head of the fair queue by
+`dispatch` (run by the poller each turn): reserved for that job, which is woken. A job refused by
+the submit rate alone (slots free) waits the short time until the next token.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from dataclasses import dataclass
 
 import redis
 
+from config.settings import Settings
 from lipsync.jobstore import load_script
 from lipsync.keys import Keys
 from lipsync.models import Priority
@@ -44,6 +50,8 @@ class AdmissionControl:
         queue_buffer: int = 0,
         concurrency_hint: int = 10,
         tenant_weights: Mapping[str, float] | None = None,
+        recheck_s: float = 30.0,
+        credit_slots: float | None = None,
     ) -> None:
         self.redis = client
         self.keys = keys = Keys(prefix)
@@ -54,7 +62,25 @@ class AdmissionControl:
         self.queue_buffer = queue_buffer
         self.concurrency_hint = concurrency_hint
         self.tenant_weights = " ".join(f"{name} {weight:g}" for name, weight in (tenant_weights or {}).items())
+        self.recheck_s = recheck_s
+        # An idle tenant may come back this many slots behind the least active one (default: two
+        # rounds of the account's concurrency), so a small tenant is not held to every other slot.
+        self.credit_slots = 2 * concurrency_hint if credit_slots is None else credit_slots
         self._admit = load_script(client, "admit")
+
+    @classmethod
+    def from_settings(cls, client: redis.Redis[bytes], settings: Settings) -> AdmissionControl:
+        return cls(
+            client,
+            prefix=settings.key_prefix,
+            max_in_flight=settings.max_in_flight,
+            submits_per_second=settings.submits_per_second,
+            queue_buffer=settings.fal_queue_buffer,
+            concurrency_hint=settings.fal_concurrency_hint,
+            tenant_weights=settings.tenant_weights,
+            recheck_s=settings.admission_recheck_s,
+            credit_slots=settings.tenant_credit_slots,
+        )
 
     def admit(
         self,
@@ -71,7 +97,36 @@ class AdmissionControl:
         call, provided the job is in `status`, has no claim and no fal request yet; and the job
         waits its turn in the fair queue (strict by priority, weighted-fair across tenants).
         """
-        code, retry_after = self._admit(
+        code, value = self._call(job_id, claim=claim, status=status, priority=priority, tenant=tenant)
+        if code == 2:  # the slot went to the job whose turn it is; this one is woken when its turn comes
+            return Admission(False, self.recheck_s, wake=value)
+        if code < 0:
+            return Admission(False, 0.0, claimed_before=code == -1, refused=code == -2)
+        return Admission(code == 1, float(value))
+
+    def dispatch(self, *, status: str = "submitting", limit: int = 100) -> list[str]:
+        """Hand the free slots to the jobs whose turn it is (the fair queue's heads, as `admit`
+        chooses): each slot is reserved for its job, whose id is returned for the caller to wake.
+        Stops when no slot or submit token is free or nothing waits."""
+        chosen: list[str] = []
+        while len(chosen) < limit:
+            code, value = self._call("", claim=None, status=status, dispatch=True)
+            if code != 2:
+                break
+            chosen.append(value)
+        return chosen
+
+    def _call(
+        self,
+        job_id: str,
+        *,
+        claim: str | None,
+        status: str,
+        priority: Priority = Priority.normal,
+        tenant: str | None = None,
+        dispatch: bool = False,
+    ) -> tuple[int, str]:
+        code, value = self._admit(
             keys=[
                 self.inflight_key,
                 self.bucket_key,
@@ -94,15 +149,12 @@ class AdmissionControl:
                 priority.value,
                 tenant or "",
                 self.tenant_weights,
+                repr(float(self.recheck_s)),
+                repr(float(self.credit_slots)),
+                "dispatch" if dispatch else "",
             ],
         )
-        code = int(code)
-        if code == 2:
-            wake = retry_after.decode() if isinstance(retry_after, bytes) else str(retry_after)
-            return Admission(False, 1.0, wake=wake)
-        if code < 0:
-            return Admission(False, 0.0, claimed_before=code == -1, refused=code == -2)
-        return Admission(code == 1, float(retry_after))
+        return int(code), value.decode() if isinstance(value, bytes) else str(value)
 
     def in_flight(self) -> int:
         return int(self.redis.scard(self.inflight_key))

@@ -30,6 +30,8 @@ import redis
 
 from config.settings import Settings
 from lipsync import jobs
+from lipsync.account import AccountBreaker
+from lipsync.admission import AdmissionControl
 from lipsync.errors import FalError, InputDownloadFailed, PermanentError, RetryableError
 from lipsync.fal import (
     FILE_DOWNLOAD_ERROR,
@@ -135,6 +137,8 @@ class Poller:
         self._inference_times: list[float] = []
         self.first_check = FirstCheck(self.redis, self.keys, settings)
         self._scouts: dict[str, float] = {}  # see `_next_check`
+        self.admission = AdmissionControl.from_settings(self.redis, settings)
+        self.account = AccountBreaker(self.redis, self.keys, settings)
 
     # lifecycle of the thread --------------------------------------------------
     def start(self) -> None:
@@ -172,10 +176,35 @@ class Poller:
         if due:
             await asyncio.gather(*(self.check_one(job, http) for job in due))
             self._record_inference_times()
-            return 0.0 if len(due) >= self.batch else self.interval_s
-        if next_due is None:
-            return IDLE_S
-        return min(IDLE_S, max(0.01, next_due - time.time()))
+            pause = 0.0 if len(due) >= self.batch else self.interval_s
+        elif next_due is None:
+            pause = IDLE_S
+        else:
+            pause = min(IDLE_S, max(0.01, next_due - time.time()))
+        self.dispatch()  # the slots this turn freed (and any freed elsewhere since the last turn)
+        return pause
+
+    # dispatch ----------------------------------------------------------------
+    def dispatch(self) -> list[str]:
+        """Hand every free admission slot to the job whose turn it is (the fair queue's head): the
+        slot is reserved for it and its submit task sent at once. Jobs refused for a full cap wait
+        `admission_recheck_s` (a safety net) rather than asking every second; this is what admits
+        them when a slot frees: a job leaving fal here, or by a webhook, cancel, deadline or a
+        submit that did not reach fal (seen at the next turn, at most `IDLE_S` later). A lost wake
+        costs nothing: the job holds its slot and its own recheck admits it."""
+        try:
+            if self.account.state() is not None:  # a locked account: its probe decides, not us
+                return []
+            woken = self.admission.dispatch()
+        except redis.RedisError as exc:
+            log.warning("poller: dispatch: %s: %s", type(exc).__name__, exc)
+            return []
+        for job_id in woken:
+            try:
+                self.send("submit", job_id)
+            except Exception as exc:  # its recheck admits it (it holds the slot)
+                log.warning("job %s: could not wake it for its slot: %s", job_id, exc)
+        return woken
 
     # one job -----------------------------------------------------------------
     async def check_one(self, job: WaitingJob, http: httpx.AsyncClient) -> None:

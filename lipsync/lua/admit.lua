@@ -23,6 +23,13 @@
 -- ARGV[11] the job's priority    high | normal | low
 -- ARGV[12] the job's tenant      ('' = the default tenant)
 -- ARGV[13] tenant weights, 'name weight name weight ...' (a tenant not named weighs 1)
+-- ARGV[14] seconds a job refused for a full cap waits: the safety-net recheck (a freed slot is
+--          handed to the next job by the dispatch mode, below, long before)
+-- ARGV[15] tenant credit, in slots: how far behind the least active tenant's virtual time an
+--          idle tenant may come back
+-- ARGV[16] 'dispatch': no caller job (ARGV[1] and KEYS[3] ''); if a slot is free, reserve it for
+--          the head of the fair queue and return {2, its id} (the caller wakes it); {-3, ''}
+--          nothing waits; {0, seconds} no slot or no submit token now
 -- Fair queue (with a job hash): every job asking for a slot waits in <pending>:<priority>:<tenant>
 -- (a zset by arrival); <pending>:<priority> holds the tenants with jobs waiting, scored by their
 -- virtual time (slots taken / weight; <pending>vt keeps it while a tenant has none waiting). A free
@@ -72,15 +79,24 @@ if KEYS[3] ~= '' then  -- join the fair queue (once)
     redis.call('ZADD', line, now, job)
     local active = pending .. ARGV[11]
     if not redis.call('ZSCORE', active, ARGV[12]) then
-      -- A tenant coming back keeps its debt but banks no credit: at least the least active's time.
+      -- A tenant coming back keeps its debt and banks a bounded credit: it may be behind the least
+      -- active tenant's time by at least ARGV[15] slots (its next jobs go first until caught up).
       local least = redis.call('ZRANGE', active, 0, 0, 'WITHSCORES')
-      local floor = tonumber(least[2] or '0')
       local kept = tonumber(redis.call('HGET', vt_key, ARGV[11] .. ':' .. ARGV[12]) or '0')
-      redis.call('ZADD', active, math.max(kept, floor), ARGV[12])
+      if least[2] then kept = math.max(kept, tonumber(least[2]) - tonumber(ARGV[15])) end
+      redis.call('ZADD', active, kept, ARGV[12])
     end
   end
 end
-if redis.call('SCARD', inflight) >= cap then return {0, '1.0'} end
+local dispatch = ARGV[16] == 'dispatch'
+if redis.call('SCARD', inflight) >= cap then return {0, ARGV[14]} end
+if dispatch then  -- anyone waiting at all? (cheap, before the bucket)
+  local any = false
+  for _, priority in ipairs({'high', 'normal', 'low'}) do
+    if redis.call('ZCARD', pending .. priority) > 0 then any = true break end
+  end
+  if not any then return {-3, ''} end
+end
 local burst = math.max(1, rate)
 local state = redis.call('HMGET', bucket, 'tokens', 'at')
 local tokens = tonumber(state[1] or burst)
@@ -94,7 +110,7 @@ local function take(chosen)
   redis.call('HSET', bucket, 'tokens', tostring(tokens - 1), 'at', tostring(now))
   redis.call('SADD', inflight, chosen)
 end
-if KEYS[3] == '' then take(job) return {1, '0'} end
+if KEYS[3] == '' and not dispatch then take(job) return {1, '0'} end
 local weights = {}
 local name = nil
 for word in string.gmatch(ARGV[13], '%S+') do
@@ -106,6 +122,16 @@ for _, priority in ipairs({'high', 'normal', 'low'}) do
     local least = redis.call('ZRANGE', active, 0, 0, 'WITHSCORES')
     if #least == 0 then break end
     local tenant, vt = least[1], tonumber(least[2])
+    -- A tie goes to the tenant with the fewest jobs waiting (then by name): deterministic, and
+    -- never to the big batch's favour.
+    local tied = redis.call('ZRANGEBYSCORE', active, least[2], least[2], 'LIMIT', 0, 16)
+    if #tied > 1 then
+      local fewest = nil
+      for _, name in ipairs(tied) do
+        local waiting = redis.call('ZCARD', pending .. priority .. ':' .. name)
+        if fewest == nil or waiting < fewest then fewest, tenant = waiting, name end
+      end
+    end
     local line = pending .. priority .. ':' .. tenant
     local head = redis.call('ZRANGE', line, 0, 0)
     if #head == 0 then
@@ -124,10 +150,11 @@ for _, priority in ipairs({'high', 'normal', 'low'}) do
           redis.call('ZADD', active, vt, tenant)
         end
         take(chosen)
-        if chosen == job then return claim() end
+        if chosen == job and not dispatch then return claim() end
         return {2, chosen}
       end
     end
   end
 end
+if dispatch then return {-3, ''} end
 return {0, '1.0'}
