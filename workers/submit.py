@@ -7,6 +7,8 @@ finds a claim but no request id knows an earlier POST may have reached fal, and 
 fal confirms there is none, submits again by itself. The request id is an
 `Advance(settled=True)`: written even if this runner's lease lapsed meanwhile, riding out a
 Redis restart. A locked account or refused key pauses the job (`lipsync.account`), never fails it.
+A job refused for a full cap waits `admission_recheck_s` (a safety net): the poller's dispatch
+reserves a freed slot for it when its turn comes and sends its submit, which finds the slot held.
 """
 
 from __future__ import annotations

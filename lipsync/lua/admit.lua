@@ -40,7 +40,8 @@
 -- Adaptive cap: the account's concurrency is the hint (the plan's), raised to the most jobs seen
 -- IN_PROGRESS at once while none waited IN_QUEUE at fal. At most that plus
 -- the buffer are kept at fal; the rest wait with us, where a cancel is free and order can change.
--- Returns {1, '0'} admitted (and claimed); {0, seconds to wait}; {2, job id} the slot went to
+-- Returns {1, '0'} admitted (and claimed); {0, seconds to wait} (ARGV[14] when the cap is full,
+-- the time to the next token when only the rate refuses); {2, job id} the slot went to
 -- that job (wake it), the caller waits; {-1, ''} an earlier submit
 -- already claimed the job (it may have reached fal); {-2, ''} the job is not in that status or
 -- already has its fal request (nothing taken).
