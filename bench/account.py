@@ -117,6 +117,13 @@ def main(
         b_times = [
             jobs[i].timestamps["completed"] - jobs[i].created_at for i in b_ids if "completed" in jobs[i].timestamps
         ]
+        # Where B's time went: staging (created to submitting, the transfer queue) and waiting for
+        # a slot (submitting to submitted, the fair queue).
+        b_jobs_done = [jobs[i] for i in b_ids if "submitted" in jobs[i].timestamps]
+        b_staging = [j.timestamps["submitting"] - j.created_at for j in b_jobs_done if "submitting" in j.timestamps]
+        b_slot_wait = [
+            j.timestamps["submitted"] - j.timestamps["submitting"] for j in b_jobs_done if "submitting" in j.timestamps
+        ]
         created_after = [
             s["at"] for s in samples if s["at"] > unlocked_at and s["created"] > _created_at(samples, unlocked_at)
         ]
@@ -134,6 +141,8 @@ def main(
             "max_running_at_fal": max(s["in_progress"] for s in samples),
             "b_p95_s": percentile(b_times, 95),
             "b_p95_over_latency": percentile(b_times, 95) / latency,
+            "b_p95_staging_s": percentile(b_staging, 95),
+            "b_p95_waiting_for_a_slot_s": percentile(b_slot_wait, 95),
             "makespan_s": makespan,
             "account_bound_s": bound,
             "makespan_over_bound": makespan / bound,
