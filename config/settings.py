@@ -121,11 +121,11 @@ class Settings(BaseSettings):
     # A job refused for a full cap waits with us this long before it asks again (a safety net): a
     # slot freed when a job leaves fal is handed at once to the next job in the fair queue (the
     # poller's dispatch), so waiting jobs do not spin a submit task each second.
-    admission_recheck_s: float = 30.0
+    admission_recheck_s: Seconds = 300.0
     # An idle tenant coming back may be this many slots behind the least active tenant (its next
     # jobs go first until it has caught up), so a small tenant behind a big batch is not held to
     # every other slot. Unset: twice `fal_concurrency_hint`.
-    tenant_credit_slots: float | None = None
+    tenant_credit_slots: Annotated[float, Field(ge=0)] | None = None
     # A running request is not cancelled by the job's deadline (it is being paid for already),
     # only by an explicit cancel or by this generous bound on its time at fal.
     max_run_s: Seconds = 6 * 3600.0

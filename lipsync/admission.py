@@ -7,9 +7,10 @@ by the job store's one write (`lua/move.lua`) when the job leaves fal, whichever
 (result stored, failed, cancelled, retried, or a submit that did not reach fal). Nothing
 releases a slot by hand.
 
-A job refused for a full cap does not spin: it waits `recheck_s` (a safety net, 30 s by default),
+A job refused for a full cap does not spin: it waits `recheck_s` (a safety net, 300 s by default),
 and the slot freed when a job leaves fal is handed at once to the head of the fair queue by
-`dispatch` (run by the poller each turn): reserved for that job, which is woken. A job refused by
+`dispatch` (run by the poller each turn): reserved for that job, which is woken, and whose
+schedule entry is brought forward to `WAKE_BACKUP_S` in the same call (a lost wake costs seconds). A job refused by
 the submit rate alone (slots free) waits the short time until the next token.
 """
 
@@ -25,6 +26,10 @@ from config.settings import Settings
 from lipsync.jobstore import load_script
 from lipsync.keys import Keys
 from lipsync.models import Priority
+
+# A job given a reserved slot is due in the schedule within this many seconds: should its wake be
+# lost (the waking worker dying before it sends), the schedule sends its submit instead.
+WAKE_BACKUP_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -50,7 +55,7 @@ class AdmissionControl:
         queue_buffer: int = 0,
         concurrency_hint: int = 10,
         tenant_weights: Mapping[str, float] | None = None,
-        recheck_s: float = 30.0,
+        recheck_s: float = 300.0,
         credit_slots: float | None = None,
     ) -> None:
         self.redis = client
@@ -134,6 +139,7 @@ class AdmissionControl:
                 self.keys.status("in_progress"),
                 self.keys.status("in_queue"),
                 self.keys.fal_concurrency,
+                self.keys.schedule,
             ],
             args=[
                 job_id,
@@ -152,6 +158,7 @@ class AdmissionControl:
                 repr(float(self.recheck_s)),
                 repr(float(self.credit_slots)),
                 "dispatch" if dispatch else "",
+                repr(WAKE_BACKUP_S),
             ],
         )
         return int(code), value.decode() if isinstance(value, bytes) else str(value)

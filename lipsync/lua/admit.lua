@@ -10,6 +10,7 @@
 -- KEYS[4]  jobs IN_PROGRESS      <prefix>:status:in_progress
 -- KEYS[5]  jobs IN_QUEUE at fal  <prefix>:status:in_queue
 -- KEYS[6]  observed concurrency  <prefix>:fal-concurrency
+-- KEYS[7]  schedule zset         <prefix>:schedule (a reserved job's next look is brought forward)
 -- ARGV[1]  job id
 -- ARGV[2]  cap on jobs in flight
 -- ARGV[3]  submits per second
@@ -30,6 +31,8 @@
 -- ARGV[16] 'dispatch': no caller job (ARGV[1] and KEYS[3] ''); if a slot is free, reserve it for
 --          the head of the fair queue and return {2, its id} (the caller wakes it); {-3, ''}
 --          nothing waits; {0, seconds} no slot or no submit token now
+-- ARGV[17] seconds: a job given a reserved slot ({2, id}) is due in the schedule at most this far
+--          ahead, so that a wake lost on its way (a worker dying before it sends it) costs seconds
 -- Fair queue (with a job hash): every job asking for a slot waits in <pending>:<priority>:<tenant>
 -- (a zset by arrival); <pending>:<priority> holds the tenants with jobs waiting, scored by their
 -- virtual time (slots taken / weight; <pending>vt keeps it while a tenant has none waiting). A free
@@ -152,6 +155,7 @@ for _, priority in ipairs({'high', 'normal', 'low'}) do
         end
         take(chosen)
         if chosen == job and not dispatch then return claim() end
+        redis.call('ZADD', KEYS[7], 'XX', 'LT', now + tonumber(ARGV[17]), chosen)
         return {2, chosen}
       end
     end

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 import redis
 
-from lipsync.admission import AdmissionControl
+from lipsync.admission import WAKE_BACKUP_S, AdmissionControl
 from lipsync.jobstore import JobStore
 from lipsync.models import AT_FAL_STATUSES, FalRequest, Job, JobStatus, LipsyncInput
 from producers.devstack import WorkerSpec
@@ -195,8 +195,13 @@ def test_a_job_refused_for_a_full_cap_waits_long_and_a_freed_slot_is_dispatched_
     assert [(r.admitted, r.retry_after, r.wake) for r in refused] == [(False, RECHECK_S, None)] * 3
     assert queue.admission.dispatch() == []  # no slot free
     queue.finish(first)
-    # The freed slot goes to the head of the fair queue (first come, first served), reserved for it.
+    # The freed slot goes to the head of the fair queue (first come, first served), reserved for it,
+    # and its next look in the schedule comes within seconds: a lost wake costs seconds, not the recheck.
+    now = time.time()
     assert queue.admission.dispatch() == [waiting[0]]
+    due = {job_id: queue.store.redis.zscore(queue.store.keys.schedule, job_id) for job_id in waiting}
+    assert due[waiting[0]] is not None and due[waiting[0]] <= now + WAKE_BACKUP_S + 1
+    assert all(score is not None and score > now + RECHECK_S - 5 for score in (due[waiting[1]], due[waiting[2]]))
     assert queue.admission.dispatch() == []  # the cap is full again: one slot, one job
     assert not queue.admit(waiting[1]).admitted  # not the next one's: it was reserved
     assert queue.admit(waiting[0]).admitted  # the woken job finds its slot
