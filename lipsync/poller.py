@@ -137,6 +137,10 @@ class Poller:
         self._inference_times: list[float] = []
         self.first_check = FirstCheck(self.redis, self.keys, settings)
         self._scouts: dict[str, float] = {}  # see `_next_check`
+        # Dispatch runs when this poller moved a job off fal (its slot came back) or a second has
+        # passed (slots freed elsewhere: webhooks, cancels, failed submits), not on every turn.
+        self._freed = True
+        self._dispatched_at = 0.0
         self.admission = AdmissionControl.from_settings(self.redis, settings)
         self.account = AccountBreaker(self.redis, self.keys, settings)
 
@@ -181,7 +185,8 @@ class Poller:
             pause = IDLE_S
         else:
             pause = min(IDLE_S, max(0.01, next_due - time.time()))
-        self.dispatch()  # the slots this turn freed (and any freed elsewhere since the last turn)
+        if self._freed or time.monotonic() - self._dispatched_at >= IDLE_S:
+            self.dispatch()  # the slots this turn freed (and any freed elsewhere since the last)
         return pause
 
     # dispatch ----------------------------------------------------------------
@@ -191,7 +196,8 @@ class Poller:
         `admission_recheck_s` (a safety net) rather than asking every second; this is what admits
         them when a slot frees: a job leaving fal here, or by a webhook, cancel, deadline or a
         submit that did not reach fal (seen at the next turn, at most `IDLE_S` later). A lost wake
-        costs nothing: the job holds its slot and its own recheck admits it."""
+        costs seconds: the job holds its slot and the same call brought its schedule entry forward."""
+        self._freed, self._dispatched_at = False, time.monotonic()
         try:
             if self.account.state() is not None:  # a locked account: its probe decides, not us
                 return []
@@ -281,6 +287,7 @@ class Poller:
             inference_time=status.inference_time,
             logs=status.logs,
         ):
+            self._freed = True
             self.send("store", job.id)
 
     async def _get(self, http: httpx.AsyncClient, url: str, params: dict[str, str] | None = None) -> httpx.Response:
@@ -334,6 +341,7 @@ class Poller:
         except PermanentError as exc:  # S3 answers, but not about the object (access): resubmit, bounded
             log.warning("job %s: could not check the staged inputs: %s", job.id, exc.message)
             missing = []
+        self._freed = True
         moved = jobs.after_input_download_failure(
             self.store,
             self.settings,
@@ -406,6 +414,7 @@ class Poller:
             event=f"fal dropped request {request.request_id} unstarted (start timeout, not billed); submitting again",
         )
         if moved.applied:
+            self._freed = True
             self.send("submit", job.id)
 
     def _retry_later(self, job: WaitingJob, message: str, delay: float | None = None) -> None:
@@ -430,6 +439,7 @@ class Poller:
         )
         if not jobs.finish_with_error(self.store, job.id, error, via="poll"):
             return
+        self._freed = True
         if exc.code != "fal_error":  # fal is still working on it (deadline, our refusal): stop paying
             if self._fal is None:
                 s = self.settings
