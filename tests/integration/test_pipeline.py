@@ -175,6 +175,7 @@ def test_rate_limited_and_ingress_errors_are_retried_and_paid_once(
     assert {job.status for job in done} == {JobStatus.completed}
     counters = emulator.counters()
     assert counters["faults_injected"].get("rate_limit", 0) - before["faults_injected"].get("rate_limit", 0) == 3
+    assert counters["faults_injected"].get("ingress_5xx", 0) - before["faults_injected"].get("ingress_5xx", 0) == 3
     assert emulator.created_since(before) == len(jobs)
     assert all(counters["by_marker"][job.id] == 1 for job in done)
 
