@@ -178,6 +178,10 @@ def test_rate_limited_and_ingress_errors_are_retried_and_paid_once(
     assert counters["faults_injected"].get("ingress_5xx", 0) - before["faults_injected"].get("ingress_5xx", 0) == 3
     assert emulator.created_since(before) == len(jobs)
     assert all(counters["by_marker"][job.id] == 1 for job in done)
+    # A 429 or an ingress 5xx proves nothing was created: the submit is simply sent again, never
+    # taken for a lost answer to reconcile (that would wait out the listing's grace for nothing).
+    events = [e["event"] for job in done for e in client.store.events(job.id)]
+    assert not [e for e in events if "reconcil" in e], events
 
 
 def test_lost_submit_answer_is_reconciled_without_a_second_request(
