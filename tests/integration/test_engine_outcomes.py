@@ -5,20 +5,18 @@ to `store` in the same turn, not when the schedule's safety net comes due minute
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import httpx
 import pytest
 
 from config.settings import Settings
 from lipsync.lifecycle import Advance, Outcome, step
 from lipsync.models import FalRequest, Job, JobStatus, LipsyncInput
-from lipsync.poller import Poller
+from tests.fixtures.poller import poller_turn
 from workers.context import Context, build_context
 from workers.runner import Lease, run_step
 
@@ -70,21 +68,6 @@ def at_fal(ctx: Context, job: Job, request: FalRequest) -> None:
     """The job as the submit step leaves it: at fal with its request, its first check due now."""
     fields = {"fal": request.model_dump(mode="json")}
     ctx.store.advance(job.id, JobStatus.submitted, from_=[JobStatus.queued], fields=fields, due_at=time.time())
-
-
-def poller_turn(ctx: Context, sent: list[tuple[str, str]]) -> None:
-    """One turn of a real poller (as an api worker runs it), over HTTP to the emulator."""
-    poller = Poller(ctx.settings, send=lambda name, job_id: sent.append((name, job_id)))
-
-    async def one_turn() -> None:
-        headers = {"Authorization": f"Key {ctx.settings.fal_key.get_secret_value()}"}
-        async with httpx.AsyncClient(headers=headers, timeout=30) as http:
-            await poller.turn(http)
-
-    try:
-        asyncio.run(one_turn())
-    finally:
-        poller.redis.close()
 
 
 def taken_over(ctx: Context, job_id: str) -> None:

@@ -7,13 +7,11 @@ and a webhook saying so takes the same path as a poll."""
 
 from __future__ import annotations
 
-import asyncio
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import httpx
 import pytest
 
 from config.settings import Settings
@@ -21,9 +19,9 @@ from lipsync import jobs
 from lipsync.fal import FILE_DOWNLOAD_ERROR, download_failure
 from lipsync.lifecycle import step
 from lipsync.models import FalRequest, Job, JobStatus, LipsyncInput, MediaInfo
-from lipsync.poller import Poller
 from producers.devstack import free_port
 from tests.chaos.proxy import TcpProxy
+from tests.fixtures.poller import poller_turn
 from workers.context import Context, build_context
 from workers.runner import run_step
 from workers.submit import submit
@@ -98,21 +96,6 @@ def sent_while_s3_is_away(ctx: Context, job: Job, proxy: TcpProxy, emulator: Any
     fields = {"fal": request.model_dump(mode="json")}
     ctx.store.advance(job.id, JobStatus.submitted, from_=[JobStatus.queued], fields=fields, due_at=time.time())
     return request
-
-
-def poller_turn(ctx: Context, sent: Sent, settings: Settings | None = None) -> None:
-    """One turn of a real poller (as an api worker runs it), over HTTP to the emulator."""
-    poller = Poller(settings or ctx.settings, send=lambda name, job_id: sent.append((name, job_id)))
-
-    async def one_turn() -> None:
-        headers = {"Authorization": f"Key {ctx.settings.fal_key.get_secret_value()}"}
-        async with httpx.AsyncClient(headers=headers, timeout=30) as http:
-            await poller.turn(http)
-
-    try:
-        asyncio.run(one_turn())
-    finally:
-        poller.redis.close()
 
 
 def events(ctx: Context, job_id: str) -> list[str]:
