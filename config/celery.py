@@ -58,9 +58,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             }
             for step in TASK_STEPS
         },
-        # Flower sees every task the workers receive, run and finish. Not when it was sent: that
-        # event costs a Redis command per message in every producer, for a column nobody reads.
-        "worker_send_task_events": True,
+        # Task events only while someone watches: Flower turns them on itself (every 5 s it asks
+        # the workers to); `LIPSYNC_TASK_EVENTS=1` sends them from a worker's start. Never the
+        # "sent" event: it costs a Redis command per message in every producer.
+        "worker_send_task_events": settings.task_events,
         "task_send_sent_event": False,
         "event_queue_expires": 60,
         "event_queue_ttl": 5,

@@ -189,6 +189,10 @@ class Settings(BaseSettings):
 
     # Flower's basic auth, "user:password"; Flower refuses to start without it.
     flower_basic_auth: SecretStr = SecretStr("")
+    # Celery task events (received, started, succeeded: what Flower's task pages show) from the
+    # moment a worker starts. Off, a running Flower turns them on itself within 5 s of a worker
+    # starting; with nobody watching they cost a Redis PUBLISH and CPU for every task.
+    task_events: bool = False
 
     # Logs: one line per event; JSON for log shippers.
     log_json: bool = False

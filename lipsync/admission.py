@@ -95,14 +95,18 @@ class AdmissionControl:
         status: str = "submitting",
         priority: Priority = Priority.normal,
         tenant: str | None = None,
+        with_claim: tuple[str, str] | None = None,
     ) -> Admission:
         """Take a slot for the job (or find it already holds one); else how long to wait.
 
         With `claim`, the job's submit claim (that field, set to now) is written in the same
-        call, provided the job is in `status`, has no claim and no fal request yet; and the job
-        waits its turn in the fair queue (strict by priority, weighted-fair across tenants).
+        call, provided the job is in `status`, has no claim and no fal request yet, together with
+        the field `with_claim` (name, value); and the job waits its turn in the fair queue
+        (strict by priority, weighted-fair across tenants).
         """
-        code, value = self._call(job_id, claim=claim, status=status, priority=priority, tenant=tenant)
+        code, value = self._call(
+            job_id, claim=claim, status=status, priority=priority, tenant=tenant, with_claim=with_claim
+        )
         if code == 2:  # the slot went to the job whose turn it is; this one is woken when its turn comes
             return Admission(False, self.recheck_s, wake=value)
         if code < 0:
@@ -130,6 +134,7 @@ class AdmissionControl:
         priority: Priority = Priority.normal,
         tenant: str | None = None,
         dispatch: bool = False,
+        with_claim: tuple[str, str] | None = None,
     ) -> tuple[int, str]:
         code, value = self._admit(
             keys=[
@@ -159,6 +164,7 @@ class AdmissionControl:
                 repr(float(self.credit_slots)),
                 "dispatch" if dispatch else "",
                 repr(WAKE_BACKUP_S),
+                *(with_claim or ("", "")),
             ],
         )
         return int(code), value.decode() if isinstance(value, bytes) else str(value)

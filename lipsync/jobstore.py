@@ -61,6 +61,8 @@ class LeaseLost(Exception):
 class Moved:
     applied: bool
     before: JobStatus | None
+    # The job as written, when the lease was handed to the next step's runner (`hand_to`).
+    job: Job | None = None
 
 
 @dataclass(frozen=True)
@@ -275,15 +277,18 @@ class JobStore:
         owner: str | None = None,
         count: Iterable[str] = (),
         durable: bool = False,
+        hand_to: tuple[str, float] | None = None,
     ) -> Moved:
         """Move the job on to `to` (from one of `from_`), due again at `due_at` (None: not scheduled).
 
         `durable`: the fields are money-critical (the fal request id) and acknowledged by the
         replicas (`ack`) before this returns, rewritten as they are if an earlier try wrote them.
+        `hand_to` (owner, seconds): the runner's lease passes to the next step's runner, which
+        runs in place; the job as written comes back in `Moved.job` (None: not handed on).
         """
         return self._move(
             job_id, to=to, from_=from_, fields=fields, event=event, owner=owner, count=count,
-            due="-" if due_at is None else repr(due_at), durable=durable,
+            due="-" if due_at is None else repr(due_at), durable=durable, hand_to=hand_to,
         )  # fmt: skip
 
     def wait(
@@ -422,6 +427,7 @@ class JobStore:
         absent: Iterable[str] = (),
         event: str | None = None,
         durable: bool = False,
+        hand_to: tuple[str, float] | None = None,
     ) -> Moved:
         encoded = {name: json.dumps(value) for name, value in (fields or {}).items()}
         encoded.update(raw or {})
@@ -453,6 +459,7 @@ class JobStore:
                 _ENDED,
                 repr(FINISHED_KEPT_S),
                 _EVERY,
+                f"{hand_to[0]} {hand_to[1]!r}" if hand_to else "",
             ],
         )
         if durable and self.ack is not None and encoded:
@@ -465,7 +472,8 @@ class JobStore:
             reply = self.ack.acknowledge(pipe)[0]
         else:
             reply = self._move_script(**move)
-        code, before_raw, known = int(reply[0]), reply[1], reply[2:]
+        code, before_raw, known = int(reply[0]), reply[1], reply[2:6]
+        handed = _decode(job_id, dict(zip(reply[6][::2], reply[6][1::2], strict=True))) if len(reply) > 6 else None
         if code == -1:
             raise JobNotFound(f"no job with id {job_id!r}")
         if code == -2:
@@ -473,7 +481,7 @@ class JobStore:
         before = JobStatus(_text(before_raw)) if before_raw else None
         if code == 1 and to is not None and to is not before and self.observer is not None:
             self.observer(self, job_id, before, to, fields or {}, event, known)
-        return Moved(code == 1, before)
+        return Moved(code == 1, before, handed)
 
     # the schedules ---------------------------------------------------------
     def claim_due(self, lease_s: float, limit: int) -> list[str]:

@@ -104,6 +104,12 @@ class Keys:
         """Recent inference times at fal (a short list, newest first): when a first check makes sense."""
         return f"{self.prefix}:fal-seconds"
 
+    @property
+    def fal_scouts(self) -> str:
+        """Jobs submitted while fal's typical time is unknown that were made scouts (a counter that
+        expires): they are checked early, the rest wait until the first end is learned."""
+        return f"{self.prefix}:fal-scouts"
+
     # fal webhooks received by the gateway
     @property
     def webhooks_rejected(self) -> str:

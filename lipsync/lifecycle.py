@@ -45,6 +45,11 @@ class Step:
     # The status the job shows while the step works on it (and the counter of those visits).
     working: JobStatus | None = None
     counter: str | None = None
+    # Run at once by the worker that wrote the step before it, which hands it its lease in the
+    # same write (one broker hop, one task and one `begin` less), rather than sent to its queue;
+    # its queue still takes it when it comes from elsewhere (the schedule's safety net, a wake
+    # from the fair queue, a retry).
+    inline: bool = False
 
     @property
     def task_name(self) -> str:
@@ -60,6 +65,7 @@ STEPS: tuple[Step, ...] = (
     Step(
         "submit", "api", frozenset({JobStatus.submitting}),
         lease_s=lambda s: s.poll_lease_s, time_limit_s=lambda s: 120, function="workers.submit:submit",
+        inline=True,
     ),
     Step(
         "wait", None, AT_FAL_STATUSES,
@@ -74,6 +80,10 @@ STEPS: tuple[Step, ...] = (
         lease_s=lambda s: s.poll_lease_s, time_limit_s=lambda s: 120, function="workers.callback:deliver",
     ),
 )  # fmt: skip
+
+# A step run in place is handed the lease of the step before it, without `begin`: so it has no
+# working status or counter of its own to mark.
+assert all(s.working is None and s.counter is None for s in STEPS if s.inline), "an inline step marks nothing"
 
 BY_NAME: dict[str, Step] = {step.name: step for step in STEPS}
 # The step a job in each status needs next (ended jobs need none; their callback has its own list).

@@ -9,9 +9,9 @@ schedule in one round trip, checks them concurrently over one pooled keep-alive
 1 s → 30 s with jitter), failed at fal, or COMPLETED, whose result is fetched at once (fal
 keeps large results only minutes) and handed to `store` straight away.
 
-A job's first check comes when fal could first plausibly be done: the faster end (10th
-percentile) of recent times at fal (submit to result), which the poller itself records; on a
-cold start a few scout jobs are checked every second until the first one ends. fal webhooks, where
+A job's first check comes when fal has most likely finished: the 75th percentile of recent times at fal
+(submit to result), which the poller itself records; on a cold start a few scout jobs (the first
+submitted) are checked closely until the first one ends. fal webhooks, where
 configured, are the fast path; then the poller is the safety net (`poll_initial_s` raised).
 """
 
@@ -53,33 +53,59 @@ log = logging.getLogger("lipsync.poller")
 
 RECENT = 100  # times at fal kept for the first-check estimate
 IDLE_S = 1.0  # the longest pause with nothing due
-SCOUTS = 3  # jobs checked every second while fal's typical time is unknown
+SCOUTS = 2  # jobs checked closely while fal's typical time is unknown (a cold start)
 
 
 class FirstCheck:
-    """When a job at fal could first plausibly be done: the faster end (10th percentile) of recent
-    times at fal (submit to result), shared by every worker through Redis (read at most every 10 s)."""
+    """When a job at fal has most likely finished: the 75th percentile of recent times at fal
+    (submit to result, each learned to within a few per cent), shared by every worker through
+    Redis (read at most every 10 s). Most jobs are done at their first check; the rest are looked
+    at closely from then on (`Poller._next_check`). Earlier first checks were tried (the 10th
+    percentile, the median): most jobs were then checked two or three times, and each check that
+    finds a job still running costs a Redis round trip, and the first one a status write."""
 
     def __init__(self, client: redis.Redis[bytes], keys: Keys, settings: Settings) -> None:
         self.redis, self.key, self.settings = client, keys.fal_seconds, settings
+        self.scouts_key = keys.fal_scouts
+        self._scouts_made_until = float("-inf")  # monotonic: this cold start has its scouts already
         self._typical: float | None = None
         self._fetched = float("-inf")
 
     def typical(self) -> float | None:
         now = time.monotonic()
-        if now - self._fetched > 10.0:
+        # Unknown, it is looked for every second: a job submitted just after the first end was
+        # learned elsewhere must not be taken for a cold start's.
+        if now - self._fetched > (10.0 if self._typical is not None else 1.0):
             self._fetched = now
             try:
                 recent = [float(v) for v in self.redis.lrange(self.key, 0, RECENT - 1)]
             except redis.RedisError:
                 recent = []
             if recent:
-                self._typical = _fast_end(recent)
+                self._typical = _typical(recent)
         return self._typical
 
     def delay(self) -> float:
-        """Seconds from submit to the first status check."""
-        return max(self.settings.poll_initial_s, self.typical() or 0.0)
+        """Seconds from submit to the first status check. On a cold start (nothing learned yet)
+        the first `SCOUTS` jobs submitted are checked after `poll_initial_s` and then closely by
+        the poller; the others wait at the backoff's cap, and the first end learned brings their
+        checks forward (`JobStore.bring_checks_forward`): one check each instead of a check
+        after a second that finds every job still running."""
+        typical = self.typical()
+        if typical is not None:
+            return max(self.settings.poll_initial_s, typical)
+        if time.monotonic() < self._scouts_made_until:
+            return self.settings.poll_max_s
+        try:
+            made = int(self.redis.incr(self.scouts_key))
+            if made == 1:  # the cold start's first: its scouts are counted for a while
+                self.redis.expire(self.scouts_key, int(self.settings.poll_max_s) + 1)
+            scout = made <= SCOUTS
+        except redis.RedisError:
+            scout = True
+        if not scout:  # no need to ask again until the count expires
+            self._scouts_made_until = time.monotonic() + self.settings.poll_max_s
+        return self.settings.poll_initial_s if scout else self.settings.poll_max_s
 
     def learn(self, seconds: Sequence[float]) -> float | None:
         """Record times at fal just seen; returns the typical time when it is new or shorter by a fifth."""
@@ -89,15 +115,15 @@ class FirstCheck:
         pipe.ltrim(self.key, 0, RECENT - 1)
         pipe.lrange(self.key, 0, RECENT - 1)
         recent = [float(v) for v in pipe.execute()[2]]
-        self._typical, self._fetched = _fast_end(recent), time.monotonic()
+        self._typical, self._fetched = _typical(recent), time.monotonic()
         if before is None or self._typical < 0.8 * before:
             return self._typical
         return None
 
 
-def _fast_end(seconds: Sequence[float]) -> float:
+def _typical(seconds: Sequence[float]) -> float:
     ordered = sorted(seconds)
-    return ordered[len(ordered) // 10]
+    return ordered[len(ordered) * 3 // 4]
 
 
 def read_status(response: httpx.Response) -> QueueStatus:
@@ -136,7 +162,11 @@ class Poller:
         self._thread = threading.Thread(target=self._main, name="lipsync-poller", daemon=True)
         self._inference_times: list[float] = []
         self.first_check = FirstCheck(self.redis, self.keys, settings)
-        self._scouts: dict[str, float] = {}  # see `_next_check`
+        # The scouts of a cold start (see `_next_check`): job id -> (submitted at, last checked at).
+        self._scouts: dict[str, tuple[float, float]] = {}
+        # When this poller last found each job not done yet: a job seen done was done somewhere
+        # between that check and this one (see `_time_at_fal`).
+        self._not_done_at: dict[str, float] = {}
         # Dispatch runs when this poller moved a job off fal (its slot came back) or a second has
         # passed (slots freed elsewhere: webhooks, cancels, failed submits), not on every turn.
         self._freed = True
@@ -214,12 +244,15 @@ class Poller:
 
     # one job -----------------------------------------------------------------
     async def check_one(self, job: WaitingJob, http: httpx.AsyncClient) -> None:
-        self._scouts.pop(job.id, None)  # a scout again below if it is still waiting
+        begun = time.time()
         try:
             await self.check(job, http)
         except Exception as exc:  # one job's trouble never stops the others
             log.exception("job %s: status check failed: %s", job.id, exc)
             self._retry_later(job, f"unexpected error in the status check: {type(exc).__name__}")
+        scout = self._scouts.get(job.id)
+        if scout is not None and scout[1] < begun:  # it left (done, failed): a scout no more
+            del self._scouts[job.id]
 
     async def check(self, job: WaitingJob, http: httpx.AsyncClient) -> None:
         if job.fal is None or job.status not in AT_FAL_STATUSES:
@@ -274,9 +307,7 @@ class Poller:
             self._fail(job, request, exc)
             return
         if job.submitted_at is not None:
-            # What a job spends at fal, submit to result (fetching inputs, queue, inference):
-            # the first check's moment. Seen through checks, so a little late, never early.
-            self._inference_times.append(max(0.0, time.time() - job.submitted_at))
+            self._inference_times.append(self._time_at_fal(job))
         if jobs.finish_with_result(
             self.store,
             job.id,
@@ -354,7 +385,25 @@ class Poller:
         )
         log.info("job %s: fal could not download the inputs; %s", job.id, moved.value if moved else "already moved")
 
+    def _time_at_fal(self, job: WaitingJob) -> float:
+        """What the job spent at fal, submit to result (fetching inputs, queue, inference): the first
+        check's moment. It ended between the last check that found it not done and this one: the
+        middle of that span, not this check's moment, or every check's lateness would be learned
+        into the next jobs' first check and never unlearned."""
+        assert job.submitted_at is not None
+        now = time.time()
+        before = self._not_done_at.pop(job.id, None)
+        ended = now
+        if before is not None and now - before <= 0.2 * (now - job.submitted_at):
+            ended = (before + now) / 2  # a close look; a long gap (a first check) says little
+        return max(0.0, ended - job.submitted_at)
+
     def _still_waiting(self, job: WaitingJob, request: FalRequest, status: QueueStatus) -> None:
+        if len(self._not_done_at) >= 50_000:  # jobs that left by another door: forget the oldest
+            for stale in list(self._not_done_at)[:10_000]:
+                del self._not_done_at[stale]
+        self._not_done_at.pop(job.id, None)  # to the end: the dict is in order of last check
+        self._not_done_at[job.id] = time.time()
         to = JobStatus.in_queue if status.state is QueueState.in_queue else JobStatus.in_progress
         due_at = self._next_check(job)
         if to is job.status and status.queue_position == request.queue_position:
@@ -380,23 +429,42 @@ class Poller:
         settings = self.settings
         typical = self.first_check.typical()
         if typical is None:
-            # Nothing learned yet (a cold start): a few jobs, the scouts, are checked every
-            # `poll_initial_s`; the first end teaches the typical time, which brings every
-            # other job's check forward to when it could be done. Until then the others wait
-            # at the backoff's cap. A few checks for the batch instead of a late notice for each.
-            self._scouts = {i: at for i, at in self._scouts.items() if now - at < settings.poll_max_s}
+            # Nothing learned yet (a cold start): a few jobs, the scouts, are checked closely;
+            # the first end teaches the typical time, which brings every other job's check
+            # forward to when it could be done. Until then the others wait at the backoff's cap.
+            # A few checks for the batch instead of a late notice for each. The scouts are the
+            # jobs submitted first (of those this poller checks): they end first.
+            submitted = job.submitted_at if job.submitted_at is not None else now
+            self._scouts = {i: v for i, v in self._scouts.items() if now - v[1] < settings.poll_max_s}
+            if job.id not in self._scouts and len(self._scouts) >= SCOUTS:
+                latest = max(self._scouts, key=lambda i: self._scouts[i][0])
+                if submitted < self._scouts[latest][0]:
+                    del self._scouts[latest]  # at its next check it waits at the cap like the rest
             if job.id in self._scouts or len(self._scouts) < SCOUTS:
-                self._scouts[job.id] = now
-                return now + settings.poll_initial_s * random.uniform(0.9, 1.1)
+                self._scouts[job.id] = (submitted, now)
+                # Checked at a tenth of its time at fal so far: the first end is learned within
+                # about 5 %, and every other job's first check depends on it.
+                elapsed = now - job.submitted_at if job.submitted_at is not None else settings.poll_initial_s
+                return now + self._resolution(elapsed, 10) * random.uniform(0.9, 1.1)
             return now + settings.poll_max_s * random.uniform(0.75, 1.0)
         if typical is None or job.submitted_at is None:
             return now + backoff(job.polls + 1, settings.poll_initial_s, settings.poll_max_s)
         plausible = job.submitted_at + typical
         if now < plausible:
             return min(plausible, now + backoff(job.polls + 1, settings.poll_initial_s, settings.poll_max_s))
-        # Overdue: check again after about half the time it is overdue (1 s at least, 30 s at most).
+        # Overdue: check again after about half the time it is overdue (from `_overdue_floor` up to
+        # 30 s): the moment just after the plausible end is when a job is most likely done.
         overdue = now - plausible
-        return now + min(settings.poll_max_s, max(settings.poll_initial_s, overdue / 2)) * random.uniform(0.75, 1.25)
+        floor = self._resolution(typical, 10)
+        return now + min(settings.poll_max_s, max(floor, overdue / 2)) * random.uniform(0.75, 1.25)
+
+    def _resolution(self, seconds: float, parts: int) -> float:
+        """How finely to look at a span of `seconds`: a `parts`-th of it, 0.2 s at least and at most
+        `poll_initial_s`; so a job past its plausible end of 5 s is noticed within about a quarter
+        second, not a second. With fal's webhooks the poller is only the safety net: `poll_initial_s`."""
+        if self.settings.fal_webhook_url:
+            return self.settings.poll_initial_s
+        return min(self.settings.poll_initial_s, max(0.2, seconds / parts))
 
     def _not_started(self, job: WaitingJob, request: FalRequest) -> None:
         """fal dropped the request unstarted (X-Fal-Request-Timeout): nothing ran, nothing is billed."""
@@ -454,6 +522,8 @@ class Poller:
         seen, self._inference_times = self._inference_times, []
         typical = self.first_check.learn(seen)
         if typical is not None:
-            # Learned (or shorter than thought): jobs waiting past their plausible end are checked then.
-            moved = self.store.bring_checks_forward(typical)
+            # Learned (or shorter than thought): jobs waiting past their plausible end are checked
+            # then, a recheck's interval after it: what was learned is the quickest end so far (on
+            # a cold start the first scout's, alone), which most jobs of the batch come after.
+            moved = self.store.bring_checks_forward(typical + self._resolution(typical, 10))
             log.info("poller: fal typically needs %.1f s; %d checks brought forward", typical, moved)

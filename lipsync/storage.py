@@ -3,6 +3,7 @@ once onto the error tree (retry or give up, in words; never a credential in a me
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Any, BinaryIO, Protocol
 
@@ -95,6 +96,12 @@ class Storage:
     def upload_file(self, path: str, key: str, *, content_type: str, metadata: dict[str, str] | None = None) -> None:
         extra = {"ContentType": content_type, "Metadata": metadata or {}}
         try:
+            if os.path.getsize(path) < self.transfer.multipart_threshold:
+                # One PUT from the open file: s3transfer's manager (a thread pool per call) costs
+                # more CPU than the upload itself for the small files most jobs move.
+                with open(path, "rb") as body:
+                    self.client.put_object(Bucket=self.bucket, Key=key, Body=body, **extra)
+                return
             self.client.upload_file(path, self.bucket, key, ExtraArgs=extra, Config=self.transfer)
         except (ClientError, BotoCoreError) as exc:
             raise self._error(exc, self.uri(key), ours=True) from None

@@ -62,6 +62,8 @@ def stack_env(redis_server: object, s3_server: object, emulator: object) -> Iter
         "LIPSYNC_TRANSFER_LEASE_S": "30",
         "LIPSYNC_DISPATCH_INTERVAL_S": "0.1",
         "LIPSYNC_SUBMITS_PER_SECOND": "200",
+        # Every task in Flower from the workers' start (test_operations, test_secrets read them there).
+        "LIPSYNC_TASK_EVENTS": "1",
     }
     saved = dict(os.environ)
     os.environ.update(env)

@@ -11,6 +11,8 @@ A runner whose lease was taken over (`LeaseLost`) stops and writes nothing.
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import json
 import logging
 import socket
@@ -34,7 +36,7 @@ from workers.context import Context
 
 log = logging.getLogger("lipsync.worker")
 
-__all__ = ["Lease", "StepFunction", "backoff", "run_step"]
+__all__ = ["Lease", "StepFunction", "backoff", "resolve", "run_step"]
 
 
 @dataclass
@@ -78,7 +80,13 @@ def run_step(step: Step, job_id: str, ctx: Context, work: StepFunction) -> None:
         elif begun.status is not None and begun.status.terminal:
             ctx.store.unschedule(job_id)
         return
-    job = begun.job
+    run_begun(step, begun.job, ctx, work, owner, seconds)
+
+
+def run_begun(step: Step, job: Job, ctx: Context, work: StepFunction, owner: str, seconds: float) -> None:
+    """Run a step whose lease `owner` already holds (taken by `begin`, or handed on by the step
+    before it) and write its outcome."""
+    job_id = job.id
     lease = Lease(ctx.store, job_id, owner, seconds, ctx.settings.heartbeat_s, last_renewed=time.monotonic())
     try:
         try:
@@ -164,11 +172,15 @@ _SETTLED_RETRY = Retry(
 
 def advance(job: Job, outcome: Advance, ctx: Context, owner: str, from_: frozenset[JobStatus]) -> None:
     due_at = due_for(outcome.to, ctx)
+    following = next_step(outcome.to)
+    # A step that runs in place gets our lease handed on in the same write, and the job as written.
+    inline = following is not None and following.inline and following.queue is not None
+    hand_to = (uuid.uuid4().hex, following.lease_s(ctx.settings)) if inline and following is not None else None
 
     def write(lease_owner: str) -> Moved:
         return ctx.store.advance(
             job.id, outcome.to, from_=from_, fields=outcome.fields, event=outcome.event, due_at=due_at,
-            owner=lease_owner, count=outcome.count, durable=outcome.settled,
+            owner=lease_owner, count=outcome.count, durable=outcome.settled, hand_to=hand_to,
         )  # fmt: skip
 
     if outcome.settled:
@@ -184,12 +196,27 @@ def advance(job: Job, outcome: Advance, ctx: Context, owner: str, from_: frozens
         if outcome.if_refused is not None:
             outcome.if_refused()
         return
-    following = next_step(outcome.to)
-    if following is not None and following.queue is not None:
+    if following is None or following.queue is None:
+        return
+    if hand_to is not None and moved.job is not None:  # this worker runs it now: no message, no task
         try:
-            ctx.send(following.name, job.id)
-        except Exception as exc:  # the schedule entry sends it a little later
-            log.warning("job %s: could not send %s: %s", job.id, following.name, exc)
+            run_begun(following, moved.job, ctx, resolve(following.function), *hand_to)
+            return
+        except Exception as exc:  # its queue takes it (and the schedule, should the send fail too)
+            log.warning("job %s: could not run %s in place: %s", job.id, following.name, exc)
+            with contextlib.suppress(Exception):
+                ctx.store.release(job.id, hand_to[0])
+    try:
+        ctx.send(following.name, job.id)
+    except Exception as exc:  # the schedule entry sends it a little later
+        log.warning("job %s: could not send %s: %s", job.id, following.name, exc)
+
+
+def resolve(reference: str) -> StepFunction:
+    """A step's function from its "module:function" reference in the lifecycle table."""
+    module, _, name = reference.partition(":")
+    function: StepFunction = getattr(importlib.import_module(module), name)
+    return function
 
 
 def fail_job(

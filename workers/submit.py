@@ -49,10 +49,17 @@ def submit(job: Job, ctx: Context, lease: Lease) -> Outcome:
     pause, account = ctx.account.may_submit()
     if pause > 0 and account is not None:
         return _wait_on_account(job, account.waiting_on, pause)
-    # The slot and the claim are taken in one call, before the POST.
+    video, audio = job.inputs["video"], job.inputs["audio"]
+    ttl = int(max(settings.presign_ttl_s, job.deadline_at - time.time() + 3600))
+    arguments = job.request.model_dump(mode="json", exclude_none=True)
+    arguments["video_url"] = ctx.storage.presign_get(video.staging_key, ttl)
+    arguments["audio_url"] = ctx.storage.presign_get(audio.staging_key, ttl)
+    # The slot and the claim are taken in one call, before the POST; with the claim, what
+    # identifies this POST's request in fal's listing, should its answer be lost.
     admission = ctx.admission.admit(
-        job.id, claim=CLAIM_FIELD, status=JobStatus.submitting.value, priority=job.priority, tenant=job.tenant
-    )
+        job.id, claim=CLAIM_FIELD, status=JobStatus.submitting.value, priority=job.priority, tenant=job.tenant,
+        with_claim=(reconcile.INPUT_FIELD, reconcile.input_fingerprint(arguments)),
+    )  # fmt: skip
     if account is not None and not admission.admitted:
         ctx.account.release_probe()  # e.g. the slot went to the job whose turn it is: it probes now
     if admission.claimed_before:
@@ -69,13 +76,6 @@ def submit(job: Job, ctx: Context, lease: Lease) -> Outcome:
     unconfirmed = confirm_claim(job, ctx)
     if unconfirmed is not None:
         return unconfirmed
-    video, audio = job.inputs["video"], job.inputs["audio"]
-    ttl = int(max(settings.presign_ttl_s, job.deadline_at - time.time() + 3600))
-    arguments = job.request.model_dump(mode="json", exclude_none=True)
-    arguments["video_url"] = ctx.storage.presign_get(video.staging_key, ttl)
-    arguments["audio_url"] = ctx.storage.presign_get(audio.staging_key, ttl)
-    # Before the POST: what identifies this POST's request in fal's listing, should its answer be lost.
-    store.note(job.id, raw={reconcile.INPUT_FIELD: reconcile.input_fingerprint(arguments)})
     webhook = f"{settings.fal_webhook_url.rstrip('/')}/{job.id}" if settings.fal_webhook_url else None
     try:
         request = ctx.fal.submit(

@@ -3,20 +3,13 @@ running its step under the job's lease. The step functions know nothing of Celer
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
 from config.logging import job_log_context
 from lipsync.lifecycle import TASK_STEPS, Step
 from workers.app import app
 from workers.context import get_context
-from workers.runner import StepFunction, run_step
-
-
-def resolve(reference: str) -> StepFunction:
-    module, _, name = reference.partition(":")
-    function: StepFunction = getattr(importlib.import_module(module), name)
-    return function
+from workers.runner import resolve, run_step
 
 
 def register(step: Step) -> Any:

@@ -33,6 +33,8 @@
 --          nothing waits; {0, seconds} no slot or no submit token now
 -- ARGV[17] seconds: a job given a reserved slot ({2, id}) is due in the schedule at most this far
 --          ahead, so that a wake lost on its way (a worker dying before it sends it) costs seconds
+-- ARGV[18] a field written with the claim ('' none): what identifies the POST in fal's listing
+-- ARGV[19] its value
 -- Fair queue (with a job hash): every job asking for a slot waits in <pending>:<priority>:<tenant>
 -- (a zset by arrival); <pending>:<priority> holds the tenants with jobs waiting, scored by their
 -- virtual time (slots taken / weight; <pending>vt keeps it while a tenant has none waiting). A free
@@ -40,6 +42,8 @@
 -- with jobs waiting: strict across priorities, weighted-fair across tenants, first come first
 -- served within a tenant. If that job is not the caller, the slot is reserved for it (it joins the
 -- inflight set) and its id is returned for the caller to wake.
+-- Fast path: with nobody waiting in any priority and a slot and a token free, the caller takes its
+-- slot without passing through the queue (its tenant's virtual time advances all the same).
 -- Adaptive cap: the account's concurrency is the hint (the plan's), raised to the most jobs seen
 -- IN_PROGRESS at once while none waited IN_QUEUE at fal. At most that plus
 -- the buffer are kept at fal; the rest wait with us, where a cancel is free and order can change.
@@ -59,7 +63,11 @@ if KEYS[3] ~= '' then
 end
 local function claim()
   if KEYS[3] ~= '' then
-    redis.call('HSET', KEYS[3], ARGV[5], ARGV[4], 'attempts:submit', tostring(submits + 1))
+    if ARGV[18] ~= '' then
+      redis.call('HSET', KEYS[3], ARGV[5], ARGV[4], 'attempts:submit', tostring(submits + 1), ARGV[18], ARGV[19])
+    else
+      redis.call('HSET', KEYS[3], ARGV[5], ARGV[4], 'attempts:submit', tostring(submits + 1))
+    end
   end
   return {1, '0'}
 end
@@ -77,6 +85,40 @@ if buffer > 0 then
 end
 local pending, jobs = ARGV[9], ARGV[10]
 local vt_key = pending .. 'vt'
+local dispatch = ARGV[16] == 'dispatch'
+local burst = math.max(1, rate)
+local function tokens_now()
+  local state = redis.call('HMGET', bucket, 'tokens', 'at')
+  local tokens = tonumber(state[1] or burst)
+  return math.min(burst, tokens + math.max(0, now - tonumber(state[2] or now)) * rate)
+end
+local function weight_of(tenant)
+  local name = nil
+  for word in string.gmatch(ARGV[13], '%S+') do
+    if name then
+      if name == tenant then return tonumber(word) end
+      name = nil
+    else
+      name = word
+    end
+  end
+  return 1
+end
+if KEYS[3] ~= '' and not dispatch then
+  -- Fast path: nobody waits in any priority (so not this job either), a slot and a token are
+  -- free: the job takes its slot at once, and its tenant's virtual time advances as if it had
+  -- passed through the fair queue (what the queue would have written when its line emptied).
+  local nobody = redis.call('EXISTS', pending .. 'high', pending .. 'normal', pending .. 'low') == 0
+  if nobody and redis.call('SCARD', inflight) < cap then
+    local tokens = tokens_now()
+    if tokens >= 1 then
+      redis.call('HSET', bucket, 'tokens', tostring(tokens - 1), 'at', tostring(now))
+      redis.call('SADD', inflight, job)
+      redis.call('HINCRBYFLOAT', vt_key, ARGV[11] .. ':' .. ARGV[12], 1 / weight_of(ARGV[12]))
+      return claim()
+    end
+  end
+end
 if KEYS[3] ~= '' then  -- join the fair queue (once)
   local line = pending .. ARGV[11] .. ':' .. ARGV[12]
   if not redis.call('ZSCORE', line, job) then
@@ -92,20 +134,11 @@ if KEYS[3] ~= '' then  -- join the fair queue (once)
     end
   end
 end
-local dispatch = ARGV[16] == 'dispatch'
 if redis.call('SCARD', inflight) >= cap then return {0, ARGV[14]} end
 if dispatch then  -- anyone waiting at all? (cheap, before the bucket)
-  local any = false
-  for _, priority in ipairs({'high', 'normal', 'low'}) do
-    if redis.call('ZCARD', pending .. priority) > 0 then any = true break end
-  end
-  if not any then return {-3, ''} end
+  if redis.call('EXISTS', pending .. 'high', pending .. 'normal', pending .. 'low') == 0 then return {-3, ''} end
 end
-local burst = math.max(1, rate)
-local state = redis.call('HMGET', bucket, 'tokens', 'at')
-local tokens = tonumber(state[1] or burst)
-local last = tonumber(state[2] or now)
-tokens = math.min(burst, tokens + math.max(0, now - last) * rate)
+local tokens = tokens_now()
 if tokens < 1 then
   redis.call('HSET', bucket, 'tokens', tostring(tokens), 'at', tostring(now))
   return {0, tostring((1 - tokens) / rate)}
@@ -115,11 +148,6 @@ local function take(chosen)
   redis.call('SADD', inflight, chosen)
 end
 if KEYS[3] == '' and not dispatch then take(job) return {1, '0'} end
-local weights = {}
-local name = nil
-for word in string.gmatch(ARGV[13], '%S+') do
-  if name then weights[name] = tonumber(word) name = nil else name = word end
-end
 for _, priority in ipairs({'high', 'normal', 'low'}) do
   local active = pending .. priority
   for _ = 1, 100 do  -- bounded: stale entries (jobs cancelled meanwhile) are dropped on the way
@@ -146,7 +174,7 @@ for _, priority in ipairs({'high', 'normal', 'low'}) do
       redis.call('ZREM', line, chosen)
       local found = redis.call('HMGET', jobs .. chosen, 'status', 'fal')
       if found[1] == ARGV[6] and not found[2] then
-        vt = vt + 1 / (weights[tenant] or 1)
+        vt = vt + 1 / weight_of(tenant)
         if redis.call('ZCARD', line) == 0 then
           redis.call('ZREM', active, tenant)
           redis.call('HSET', vt_key, priority .. ':' .. tenant, tostring(vt))

@@ -28,7 +28,10 @@
 -- ARGV[14] end statuses, space-separated
 -- ARGV[15] seconds the finished index keeps a job
 -- ARGV[16] every status, space-separated (to read when the job entered the one it leaves)
--- Returns {1, status before, entered it at, submitted at, queued at, cost estimate} written
+-- ARGV[17] '<owner> <seconds>': our lease is handed to the next step's runner (it runs in place,
+--          `lifecycle.Step.inline`) instead of given back, and the job read for it ('' none)
+-- Returns {1, status before, entered it at, submitted at, queued at, cost estimate[, the job's
+-- fields when the lease was handed on (ARGV[17])]} written
 -- (the last four for the job metrics); {0, status before} refused (status or absent fields;
 -- the runner's lease is given back all the same); {-1, ''} no such job; {-2, status before}
 -- the lease is another runner's (nothing written).
@@ -80,12 +83,19 @@ if ARGV[8] ~= '' then
     set[#set + 1] = v
   end
 end
+local ended = member(ARGV[14], to)
+local hand = ARGV[17] ~= '' and ours and not ended
+if hand then
+  local next_owner, seconds = string.match(ARGV[17], '(%S+) (%S+)')
+  for _, v in ipairs({'lease_owner', next_owner, 'lease_until', tostring(tonumber(now) + tonumber(seconds))}) do
+    set[#set + 1] = v
+  end
+end
 redis.call('HSET', KEYS[1], unpack(set))
 local del = {}
 for f in string.gmatch(ARGV[9], '%S+') do del[#del + 1] = f end
-local ended = member(ARGV[14], to)
 -- an ended job is no runner's: one still working on it finds its lease gone and stops
-if ours or (ended and to ~= cur) then
+if (ours and not hand) or (ended and to ~= cur) then
   del[#del + 1] = 'lease_owner'
   del[#del + 1] = 'lease_until'
 end
@@ -112,5 +122,8 @@ if ended and to ~= cur then
     redis.call('ZREMRANGEBYSCORE', KEYS[6], '-inf', tonumber(now) - tonumber(ARGV[15]))
   end
   if found[3] then redis.call('ZADD', KEYS[7], now, ARGV[1]) end
+end
+if hand then
+  return {1, cur, entered, found[4] or false, found[5] or false, found[6] or false, redis.call('HGETALL', KEYS[1])}
 end
 return {1, cur, entered, found[4] or false, found[5] or false, found[6] or false}

@@ -174,6 +174,7 @@ def chaos_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ChaosStack
         "LIPSYNC_JOB_DEADLINE_S": "900",
         "LIPSYNC_RUN_DISPATCHER": "true",
         "LIPSYNC_LOG_LEVEL": "INFO",
+        "LIPSYNC_TASK_EVENTS": "1",  # test_secrets reads every task's page in Flower
     }
     stack: ChaosStack | None = None
     try:

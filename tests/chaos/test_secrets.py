@@ -144,13 +144,23 @@ def test_no_secret_in_logs_redis_broker_or_flower(
         produced, found = scan_queued(redis_url, job_ids, "a producer's queued message")
         assert produced >= len(job_ids), f"only {produced} of {len(job_ids)} producer messages were read in the queue"
         problems += found
-        # The workers' own messages: stage runs, its submits wait for an api worker not started yet.
+        # The workers' own messages: the transfer worker stages and submits (in place) alone; then,
+        # with it stopped, the api worker's poller hands finished jobs to a store nobody takes yet.
         stack.start_worker("transfer")
+        stack.wait_workers_ready()
+        deadline = time.monotonic() + 120
+        at_fal: list[str] = []
+        while time.monotonic() < deadline and not at_fal:
+            at_fal = [job.id for job in client.store.get_many(job_ids) if job.fal is not None]
+            time.sleep(0.2)
+        assert at_fal, "no job reached fal with the transfer worker alone"
+        stack.kill_workers()
+        stack.start_worker("api")
         stack.wait_workers_ready()
         deadline = time.monotonic() + 120
         sent_by_workers = 0
         while time.monotonic() < deadline and sent_by_workers == 0:
-            sent_by_workers, found = scan_queued(redis_url, job_ids, "a worker's queued message", "lipsync.submit")
+            sent_by_workers, found = scan_queued(redis_url, job_ids, "a worker's queued message", "lipsync.store")
             time.sleep(0.2)
         assert sent_by_workers > 0, "no worker-sent message was read in the queue"
         problems += found

@@ -110,9 +110,10 @@ def test_in_flight_cap_holds_across_two_worker_processes_and_every_slot_comes_ba
             took = time.monotonic() - started
         assert {job.status for job in done} == {JobStatus.completed}, [job.error for job in done]
         assert took < 150, f"the batch took {took:.0f} s: freed slots were not handed to the waiting jobs"
-        # Waiting jobs did not spin: a job's first submit task, and one more for its turn.
+        # Waiting jobs did not spin: a job's first submit runs in place after its stage (no task);
+        # a job that found the cap full gets one task when its turn comes (a few more at most).
         submit_tasks = len(re.findall(r"Task lipsync\.submit\[[^\]]*\] received", workers.logs()))
-        assert 12 <= submit_tasks <= 2 * 12 + CAP, f"{submit_tasks} submit tasks for 12 jobs"
+        assert 12 - CAP <= submit_tasks <= 12 + CAP, f"{submit_tasks} submit tasks for 12 jobs"
         assert at_fal.highest <= CAP, f"{at_fal.highest} requests at fal at once, over the cap of {CAP}"
         assert at_fal.highest >= 2, "the two api workers never had two requests at fal: the cap was not shared"
         # Every slot came back: a second round can again fill the whole cap at once
