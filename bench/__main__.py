@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import platform
@@ -29,6 +30,7 @@ HERE = Path(__file__).resolve().parent
 @click.option("--no-profile", is_flag=True, help="ceiling without the py-spy run")
 @click.option("--note", default="", help="a sentence for the summary (e.g. what else ran on the machine)")
 @click.option("--keep-tmp", is_flag=True, help="keep worker logs, profiles and media under <out>/tmp")
+@click.option("--reps", type=click.IntRange(min=1), default=None, help="repetitions instead of the scale's")
 def main(
     names: tuple[str, ...],
     scale: str,
@@ -38,10 +40,13 @@ def main(
     no_profile: bool,
     note: str,
     keep_tmp: bool,
+    reps: int | None,
 ) -> None:
     """Run the benchmark scenarios (all of them by default) on a local stack of their own."""
     chosen = names or ALL
     size = scenarios.SCALES[scale]
+    if reps is not None:
+        size = dataclasses.replace(size, reps=reps)
     stem = stem or datetime.date.today().isoformat() + ("" if scale == "full" else f"-{scale}")
     workdir = out / "tmp" / stem
     shutil.rmtree(workdir, ignore_errors=True)
