@@ -54,6 +54,11 @@ log = logging.getLogger("lipsync.poller")
 RECENT = 100  # times at fal kept for the first-check estimate
 IDLE_S = 1.0  # the longest pause with nothing due
 SCOUTS = 2  # jobs checked closely while fal's typical time is unknown (a cold start)
+# On a cold start the other jobs wait this many backoff caps (2 min by default) for their first
+# check: the first scout's end brings them forward long before, unless fal takes minutes; a check
+# at the cap itself found every job of a long batch still running (one wasted check and one
+# status write per job at 60 s a job).
+COLD_WAIT_CAPS = 4
 
 
 class FirstCheck:
@@ -88,14 +93,15 @@ class FirstCheck:
     def delay(self) -> float:
         """Seconds from submit to the first status check. On a cold start (nothing learned yet)
         the first `SCOUTS` jobs submitted are checked after `poll_initial_s` and then closely by
-        the poller; the others wait at the backoff's cap, and the first end learned brings their
+        the poller; the others wait `COLD_WAIT_CAPS` backoff caps, and the first end learned brings their
         checks forward (`JobStore.bring_checks_forward`): one check each instead of a check
         after a second that finds every job still running."""
         typical = self.typical()
         if typical is not None:
             return max(self.settings.poll_initial_s, typical)
+        cold_wait = self.settings.poll_max_s * COLD_WAIT_CAPS
         if time.monotonic() < self._scouts_made_until:
-            return self.settings.poll_max_s
+            return cold_wait
         try:
             made = int(self.redis.incr(self.scouts_key))
             if made == 1:  # the cold start's first: its scouts are counted for a while
@@ -105,7 +111,7 @@ class FirstCheck:
             scout = True
         if not scout:  # no need to ask again until the count expires
             self._scouts_made_until = time.monotonic() + self.settings.poll_max_s
-        return self.settings.poll_initial_s if scout else self.settings.poll_max_s
+        return self.settings.poll_initial_s if scout else cold_wait
 
     def learn(self, seconds: Sequence[float]) -> float | None:
         """Record times at fal just seen; returns the typical time when it is new or shorter by a fifth."""
@@ -431,7 +437,7 @@ class Poller:
         if typical is None:
             # Nothing learned yet (a cold start): a few jobs, the scouts, are checked closely;
             # the first end teaches the typical time, which brings every other job's check
-            # forward to when it could be done. Until then the others wait at the backoff's cap.
+            # forward to when it could be done. Until then the others wait (`COLD_WAIT_CAPS`).
             # A few checks for the batch instead of a late notice for each. The scouts are the
             # jobs submitted first (of those this poller checks): they end first.
             submitted = job.submitted_at if job.submitted_at is not None else now
@@ -446,7 +452,7 @@ class Poller:
                 # about 5 %, and every other job's first check depends on it.
                 elapsed = now - job.submitted_at if job.submitted_at is not None else settings.poll_initial_s
                 return now + self._resolution(elapsed, 10) * random.uniform(0.9, 1.1)
-            return now + settings.poll_max_s * random.uniform(0.75, 1.0)
+            return now + settings.poll_max_s * COLD_WAIT_CAPS * random.uniform(0.75, 1.0)
         if typical is None or job.submitted_at is None:
             return now + backoff(job.polls + 1, settings.poll_initial_s, settings.poll_max_s)
         plausible = job.submitted_at + typical
