@@ -113,6 +113,11 @@ class AdmissionControl:
             return Admission(False, 0.0, claimed_before=code == -1, refused=code == -2)
         return Admission(code == 1, float(value))
 
+    def anyone_waiting(self) -> bool:
+        """Whether any job waits in the fair queue, of any priority (one command)."""
+        pending = self.keys.pending_prefix
+        return int(self.redis.exists(*(f"{pending}{priority.value}" for priority in Priority))) > 0
+
     def dispatch(self, *, status: str = "submitting", limit: int = 100) -> list[str]:
         """Hand the free slots to the jobs whose turn it is (the fair queue's heads, as `admit`
         chooses): each slot is reserved for its job, whose id is returned for the caller to wake.
