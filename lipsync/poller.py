@@ -491,13 +491,13 @@ class Poller:
                 elapsed = now - job.submitted_at if job.submitted_at is not None else settings.poll_initial_s
                 return now + self._resolution(elapsed, 6) * random.uniform(0.9, 1.1)
             return now + settings.poll_max_s * COLD_WAIT_CAPS * random.uniform(0.75, 1.0)
-        if typical is None or job.submitted_at is None:
+        if job.submitted_at is None:
             return now + backoff(job.polls + 1, settings.poll_initial_s, settings.poll_max_s)
         plausible = job.submitted_at + typical
         if now < plausible:
             return min(plausible, now + backoff(job.polls + 1, settings.poll_initial_s, settings.poll_max_s))
-        # Overdue: check again after about half the time it is overdue (from `_overdue_floor` up to
-        # 30 s): the moment just after the plausible end is when a job is most likely done.
+        # Overdue: check again after about half the time it is overdue (from a tenth of the typical
+        # time, `_resolution`, up to 30 s): just after the plausible end a job is most likely done.
         overdue = now - plausible
         floor = self._resolution(typical, 10)
         return now + min(settings.poll_max_s, max(floor, overdue / 2)) * random.uniform(0.75, 1.25)

@@ -174,8 +174,9 @@ def advance(job: Job, outcome: Advance, ctx: Context, owner: str, from_: frozens
     due_at = due_for(outcome.to, ctx)
     following = next_step(outcome.to)
     # A step that runs in place gets our lease handed on in the same write, and the job as written.
-    inline = following is not None and following.inline and following.queue is not None
-    hand_to = (uuid.uuid4().hex, following.lease_s(ctx.settings)) if inline and following is not None else None
+    hand_to = None
+    if following is not None and following.inline and following.queue is not None:
+        hand_to = (uuid.uuid4().hex, following.lease_s(ctx.settings))
 
     def write(lease_owner: str) -> Moved:
         return ctx.store.advance(

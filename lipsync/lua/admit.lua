@@ -63,11 +63,9 @@ if KEYS[3] ~= '' then
 end
 local function claim()
   if KEYS[3] ~= '' then
-    if ARGV[18] ~= '' then
-      redis.call('HSET', KEYS[3], ARGV[5], ARGV[4], 'attempts:submit', tostring(submits + 1), ARGV[18], ARGV[19])
-    else
-      redis.call('HSET', KEYS[3], ARGV[5], ARGV[4], 'attempts:submit', tostring(submits + 1))
-    end
+    local fields = {ARGV[5], ARGV[4], 'attempts:submit', tostring(submits + 1)}
+    if ARGV[18] ~= '' then fields[#fields + 1], fields[#fields + 2] = ARGV[18], ARGV[19] end
+    redis.call('HSET', KEYS[3], unpack(fields))
   end
   return {1, '0'}
 end
@@ -86,6 +84,9 @@ end
 local pending, jobs = ARGV[9], ARGV[10]
 local vt_key = pending .. 'vt'
 local dispatch = ARGV[16] == 'dispatch'
+local function nobody_waiting()
+  return redis.call('EXISTS', pending .. 'high', pending .. 'normal', pending .. 'low') == 0
+end
 local burst = math.max(1, rate)
 local function tokens_now()
   local state = redis.call('HMGET', bucket, 'tokens', 'at')
@@ -108,8 +109,7 @@ if KEYS[3] ~= '' and not dispatch then
   -- Fast path: nobody waits in any priority (so not this job either), a slot and a token are
   -- free: the job takes its slot at once, and its tenant's virtual time advances as if it had
   -- passed through the fair queue (what the queue would have written when its line emptied).
-  local nobody = redis.call('EXISTS', pending .. 'high', pending .. 'normal', pending .. 'low') == 0
-  if nobody and redis.call('SCARD', inflight) < cap then
+  if nobody_waiting() and redis.call('SCARD', inflight) < cap then
     local tokens = tokens_now()
     if tokens >= 1 then
       redis.call('HSET', bucket, 'tokens', tostring(tokens - 1), 'at', tostring(now))
@@ -136,7 +136,7 @@ if KEYS[3] ~= '' then  -- join the fair queue (once)
 end
 if redis.call('SCARD', inflight) >= cap then return {0, ARGV[14]} end
 if dispatch then  -- anyone waiting at all? (cheap, before the bucket)
-  if redis.call('EXISTS', pending .. 'high', pending .. 'normal', pending .. 'low') == 0 then return {-3, ''} end
+  if nobody_waiting() then return {-3, ''} end
 end
 local tokens = tokens_now()
 if tokens < 1 then
