@@ -48,6 +48,7 @@ NGINX_BODY = (
 LARGE_RESULT_BYTES = 10 * 1024
 # The apps this emulator serves (owner/alias) and the sub-paths a submit may name.
 SERVED_APPS = {"fal-ai/sync-lipsync": frozenset({"v3"})}
+COPY_CACHE_DIR = "_copy-cache"  # in the data dir; never a request id, never served
 DOWNLOADS_AT_ONCE = 64  # input downloads in flight; fewer than httpx's 100 pooled connections
 MODEL_ERRORS = [
     ("runner_disconnected", "The runner disconnected while processing the request"),
@@ -177,6 +178,7 @@ class Emulator:
         self.running = 0
         self.wakeup = asyncio.Event()
         self.http: httpx.AsyncClient | None = None
+        self.copy_cache = media.CopyCache(data_dir / COPY_CACHE_DIR)
         self.reset_counters()
 
     def reset_counters(self) -> None:
@@ -281,7 +283,13 @@ class Emulator:
                 raise asyncio.CancelledError
             name = "output.mp4"
             duration = await asyncio.to_thread(
-                media.process, str(video), str(audio), mode, str(folder / name), self.config.media_mode
+                media.process,
+                str(video),
+                str(audio),
+                mode,
+                str(folder / name),
+                self.config.media_mode,
+                self.copy_cache,
             )
             found.log(f"Encoded {duration:.2f} s of video")
             if found.inject & {"model_error", "error_on_result_only"}:
@@ -639,7 +647,8 @@ def build_app(emulator: Emulator) -> Starlette:
         request_id, name = request.path_params["request_id"], request.path_params["name"]
         found = emulator.requests.get(request_id)
         path = emulator.data_dir / request_id / name
-        if (found is not None and "cdn_404" in found.inject) or "/" in name or not path.is_file():
+        hidden = request_id == COPY_CACHE_DIR or (found is not None and "cdn_404" in found.inject)
+        if hidden or "/" in name or not path.is_file():
             return Response("Not Found", status_code=404)
         return FileResponse(path, media_type="video/mp4")
 
