@@ -219,10 +219,13 @@ class Poller:
         timeout = httpx.Timeout(self.settings.http_timeout_s, connect=min(10.0, self.settings.http_timeout_s))
         limits = httpx.Limits(max_connections=CONNECTIONS // POOLS, max_keepalive_connections=CONNECTIONS // POOLS)
         headers = {"Authorization": f"Key {self.settings.fal_key.get_secret_value()}"}
+        tls = httpx.create_ssl_context()  # one for the pools: each loads the CA bundle (~15 ms of CPU)
         async with contextlib.AsyncExitStack() as stack:
             http = _Pools(
                 [
-                    await stack.enter_async_context(httpx.AsyncClient(timeout=timeout, limits=limits, headers=headers))
+                    await stack.enter_async_context(
+                        httpx.AsyncClient(timeout=timeout, limits=limits, headers=headers, verify=tls)
+                    )
                     for _ in range(POOLS)
                 ]
             )

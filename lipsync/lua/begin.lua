@@ -13,12 +13,14 @@
 -- ARGV[8]  counter field to increment when the working status is entered ('' none)
 -- Returns {-1} no job; {0} another live runner holds the lease; {2, status} not this step's
 -- status (nothing written); {1, status before, field, value, ...} the lease is ours, with the
--- job's hash as it is now.
-local found = redis.call('HMGET', KEYS[1], 'status', 'lease_owner', 'lease_until', ARGV[8] ~= '' and ARGV[8] or 'status')
-local status, owner = found[1], found[2]
+-- job's hash as it is now (the fields read, then those written: a field repeated later wins).
+local job = redis.call('HGETALL', KEYS[1])
+local found = {}
+for i = 1, #job, 2 do found[job[i]] = job[i + 1] end
+local status, owner = found['status'], found['lease_owner']
 if not status then return {-1} end
 local now = tonumber(ARGV[3])
-if owner and owner ~= ARGV[2] and tonumber(found[3] or '0') > now then
+if owner and owner ~= ARGV[2] and tonumber(found['lease_until'] or '0') > now then
   return {0}
 end
 local handled = false
@@ -27,22 +29,25 @@ if not handled then return {2, status} end
 local expiry = now + tonumber(ARGV[4])
 -- The schedule's safety net is already a lease ahead (the write that handed the job on, or the
 -- dispatcher's claim, put it there), and `renew` pushes it on: a live runner gets no duplicate.
-if ARGV[6] == '' or status == ARGV[6] then
-  redis.call('HSET', KEYS[1], 'lease_owner', ARGV[2], 'lease_until', tostring(expiry))
-else
-  local set = {'lease_owner', ARGV[2], 'lease_until', tostring(expiry),
-    'status', ARGV[6], 'ts:' .. ARGV[6], ARGV[3], 'updated_at', ARGV[3]}
+local set = {'lease_owner', ARGV[2], 'lease_until', tostring(expiry)}
+local enters = ARGV[6] ~= '' and status ~= ARGV[6]
+if enters then
+  for _, v in ipairs({'status', ARGV[6], 'ts:' .. ARGV[6], ARGV[3], 'updated_at', ARGV[3]}) do
+    set[#set + 1] = v
+  end
   if ARGV[8] ~= '' then
     set[#set + 1] = ARGV[8]
-    set[#set + 1] = tostring(tonumber(found[4] or '0') + 1)
+    set[#set + 1] = tostring(tonumber(found[ARGV[8]] or '0') + 1)
   end
-  redis.call('HSET', KEYS[1], unpack(set))
+end
+redis.call('HSET', KEYS[1], unpack(set))
+if enters then
   redis.call('SREM', ARGV[7] .. status, ARGV[1])
   redis.call('SADD', ARGV[7] .. ARGV[6], ARGV[1])
   redis.call('XADD', KEYS[2], 'MAXLEN', '~', 500, '*',
     'status', ARGV[6], 'from', status, 'at', ARGV[3], 'event', ARGV[6])
 end
-local job = redis.call('HGETALL', KEYS[1])
+for _, v in ipairs(set) do job[#job + 1] = v end
 table.insert(job, 1, status)
 table.insert(job, 1, 1)
 return job
