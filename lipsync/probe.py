@@ -34,11 +34,13 @@ class ProbeResult:
         return self.audio_codec is not None
 
 
-# Containers whose header names every stream with its parameters: for these a probe of the first
-# bytes says all there is (FFmpeg's default reads up to 5 MB: a WAV's probe cost grows with the
-# file, about 2 ms per 64 KB). Anything else, or anything incomplete, is probed in full.
+# Containers whose header names every stream with its parameters: for these the header says all
+# there is (FFmpeg's default reads up to 5 MB of packets after it: a WAV's probe cost grew with the
+# file, about 2 ms per 64 KB). The quick probe reads FFmpeg's least (32 bytes of packets: a WAV's
+# probe 1.1 -> 0.3 ms, an MP4's unchanged); anything else, or anything it leaves incomplete, is
+# probed in full.
 _HEADER_COMPLETE = frozenset({"mp4", "mov", "wav"})
-_QUICK = {"probesize": "16384"}
+_QUICK = {"probesize": "32"}
 
 
 def probe(path: str, role: str | None = None) -> ProbeResult:
