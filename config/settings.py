@@ -67,6 +67,12 @@ class Settings(BaseSettings):
             raise ConfigError(describe_settings_errors(exc.errors())) from None
         except SourceError as exc:  # a JSON-valued variable that is not JSON
             raise ConfigError(_describe_source_error(exc)) from None
+        if self.poll_initial_s > self.poll_max_s:  # the backoff's cap would hide its start
+            raise ConfigError(
+                f"{env_name('poll_initial_s')}={_shown('poll_initial_s', f'{self.poll_initial_s:g}')} is not valid: "
+                f"expected at most {env_name('poll_max_s')} ({self.poll_max_s:g}), the backoff's cap; "
+                "raise both when fal webhooks are on"
+            )
 
     # fal: FAL_KEY is the fal ecosystem's own variable, so it carries no prefix.
     fal_key: SecretStr = Field(default=SecretStr(""), validation_alias=AliasChoices("FAL_KEY", "LIPSYNC_FAL_KEY"))

@@ -336,21 +336,7 @@ class FalQueueClient:
 
     # status / result / cancel --------------------------------------------------
     def status(self, request: FalRequest, *, with_logs: bool = True) -> QueueStatus:
-        response = self._get(request.status_url, params={"logs": "1" if with_logs else "0"})
-        if response.status_code not in (200, 202):
-            raise self._error(response, "status")
-        body = response.json()
-        state = QueueState(body["status"])
-        logs = [FalLog.model_validate(entry) for entry in body.get("logs") or []]
-        metrics = body.get("metrics") or {}
-        return QueueStatus(
-            state=state,
-            queue_position=body.get("queue_position"),
-            logs=logs,
-            inference_time=metrics.get("inference_time"),
-            error=body.get("error"),
-            error_type=body.get("error_type"),
-        )
+        return read_status(self._get(request.status_url, params={"logs": "1" if with_logs else "0"}))
 
     def result(self, request: FalRequest) -> dict[str, Any]:
         response = self._get(request.response_url)
@@ -431,3 +417,20 @@ class FalQueueClient:
             f"fal answered {status} on {operation}: {_detail(response)}",
             error_type=response.headers.get("x-fal-error-type"),
         )
+
+
+def read_status(response: httpx.Response) -> QueueStatus:
+    """fal's answer to a status request (202 while queued or running, 200 when COMPLETED); the
+    poller reads its own asynchronous responses with it too."""
+    if response.status_code not in (200, 202):
+        raise FalQueueClient._error(response, "status")
+    body = response.json()
+    metrics = body.get("metrics") or {}
+    return QueueStatus(
+        state=QueueState(body["status"]),
+        queue_position=body.get("queue_position"),
+        logs=[FalLog.model_validate(entry) for entry in body.get("logs") or []],
+        inference_time=metrics.get("inference_time"),
+        error=body.get("error"),
+        error_type=body.get("error_type"),
+    )

@@ -41,11 +41,12 @@ from lipsync.fal import (
     QueueState,
     QueueStatus,
     download_failure,
+    read_status,
 )
 from lipsync.jobstore import JobStore, WaitingJob
 from lipsync.keys import Keys
 from lipsync.lifecycle import backoff, step
-from lipsync.models import AT_FAL_STATUSES, FalLog, FalRequest, JobError, JobStatus
+from lipsync.models import AT_FAL_STATUSES, FalRequest, JobError, JobStatus
 from lipsync.observe import observed_store
 from lipsync.redis_client import connect
 from lipsync.storage import Storage
@@ -153,22 +154,6 @@ class FirstCheck:
 def _typical(seconds: Sequence[float]) -> float:
     ordered = sorted(seconds)
     return ordered[len(ordered) * 3 // 4]
-
-
-def read_status(response: httpx.Response) -> QueueStatus:
-    """fal's status answer (202 while queued or running, 200 when COMPLETED), as `FalQueueClient.status`."""
-    if response.status_code not in (200, 202):
-        raise FalQueueClient._error(response, "status")
-    body = response.json()
-    metrics = body.get("metrics") or {}
-    return QueueStatus(
-        state=QueueState(body["status"]),
-        queue_position=body.get("queue_position"),
-        logs=[FalLog.model_validate(entry) for entry in body.get("logs") or []],
-        inference_time=metrics.get("inference_time"),
-        error=body.get("error"),
-        error_type=body.get("error_type"),
-    )
 
 
 class _NotStartedInTime(PermanentError):

@@ -16,6 +16,7 @@ from config.settings import ConfigError, get_settings
 BAD_VALUES = [
     ("LIPSYNC_MAX_IN_FLIGHT", "x", "expected a whole number"),
     ("LIPSYNC_POLL_MAX_S", "-1", "expected a number greater than 0"),
+    ("LIPSYNC_POLL_INITIAL_S", "60", "expected at most LIPSYNC_POLL_MAX_S (30), the backoff's cap"),
     ("LIPSYNC_BROKER_URL", "nonsense://", "expected redis://, rediss://, sentinel:// or amqp://"),
     ("LIPSYNC_LOG_JSON", "maybe", "expected true or false"),
     ("LIPSYNC_TENANT_WEIGHTS", "{not json", "expected JSON"),
