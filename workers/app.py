@@ -119,7 +119,7 @@ def _remove_metrics_files(**_: Any) -> None:
 
 
 @worker_process_init.connect
-def _child_logging(**_: Any) -> None:
+def _child_setup(**_: Any) -> None:
     configure_logging(get_settings())
     _build_context()  # a prefork child's own clients, before its first task
 
@@ -131,7 +131,7 @@ def _forks(consumer: Any) -> bool:
 
 def _build_context() -> None:
     """The task context (Redis, boto3 and httpx clients: ~0.2 s of CPU) built before the first
-    task, not by it: the first burst does not wait on it, and a worker's work is what it measures."""
+    task, not by it: the first burst of tasks does not wait while one thread builds it."""
     from workers.context import get_context
 
     get_context()
