@@ -195,13 +195,16 @@ def test_a_batch_with_webhooks_and_an_eager_poller_completes_every_job_exactly_o
     from lipsync.models import JobStatus
 
     client = race_stack.client
-    emulator.configure(media_mode="copy")
+    # fal takes 1 s a request here (the session's emulator: 0.3 s): the poller's first checks, at
+    # 0.1 s on this cold start, find the jobs running whatever the machine's load, and its checks
+    # every 0.1-0.3 s then meet fal's completion as the webhooks do.
+    emulator.configure(media_mode="copy", latency="1.0")
     before = emulator.counters()
     try:
         submitted = [client.submit(media["video_3s"], media["audio_3s"]) for _ in range(PIPE_JOBS)]
         done = client.wait([job.id for job in submitted], timeout_s=300)
     finally:
-        emulator.configure(media_mode="encode")
+        emulator.configure(media_mode="encode", latency="0.3")
     assert {job.status for job in done} == {JobStatus.completed}, [job.error for job in done if job.error][:3]
     after = emulator.counters()
     # What fal received, counted by fal: one request per job, whatever header it carried.
