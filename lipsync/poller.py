@@ -166,7 +166,6 @@ class Poller:
         self.send = send
         self.batch = batch
         self.interval_s = interval_s  # between turns that found work: let the loop breathe
-        self.idle_s = min(IDLE_S, settings.poll_initial_s)  # the longest pause with nothing due
         self.redis = connect(settings.redis_url)
         self.store: JobStore = observed_store(self.redis, settings.key_prefix)
         self.keys = Keys(settings.key_prefix)
@@ -227,9 +226,9 @@ class Poller:
     async def turn(self, http: Http) -> float:
         """Claim the due jobs and check them all at once; returns how long to pause before the next turn.
 
-        With nothing due it sleeps until the next check is due, at most `IDLE_S` and never longer
-        than `poll_initial_s`: a job submitted meanwhile is first due that far ahead at the
-        soonest (a cold start's scouts), and one whose check is brought forward waits no longer.
+        With nothing due it sleeps until the next check is due, at most `IDLE_S`: a job whose
+        check is brought forward meanwhile (a new submit is first due a second or more ahead)
+        waits no longer than that.
         """
         due, next_due = self.store.claim_waiting_or_next(self.lease_s, self.batch)
         if due:
@@ -243,9 +242,9 @@ class Poller:
             self._record_inference_times()
             pause = 0.0 if len(due) >= self.batch else self.interval_s
         elif next_due is None:
-            pause = self.idle_s
+            pause = IDLE_S
         else:
-            pause = min(self.idle_s, max(0.01, next_due - time.time()))
+            pause = min(IDLE_S, max(0.01, next_due - time.time()))
         if self._freed or time.monotonic() - self._dispatched_at >= IDLE_S:
             self.dispatch()  # the slots this turn freed (and any freed elsewhere since the last)
         return pause

@@ -195,10 +195,12 @@ def test_a_batch_with_webhooks_and_an_eager_poller_completes_every_job_exactly_o
     from lipsync.models import JobStatus
 
     client = race_stack.client
-    # fal takes 1 s a request here (the session's emulator: 0.3 s): the poller's first checks, at
-    # 0.1 s on this cold start, find the jobs running whatever the machine's load, and its checks
-    # every 0.1-0.3 s then meet fal's completion as the webhooks do.
-    emulator.configure(media_mode="copy", latency="1.0")
+    # fal takes 3 s a request here (the session's emulator: 0.3 s). This cold start's scouts are
+    # due 0.1 s after their submit, but an idle poller sleeps up to 1 s between turns: with 0.3 s
+    # every job could be finished by its webhook before the first check (CI saw 0 polls once).
+    # With 3 s the first checks find the jobs running whatever the machine's load, and the checks
+    # every 0.1-0.3 s after them meet fal's completion as the webhooks do.
+    emulator.configure(media_mode="copy", latency="3.0")
     before = emulator.counters()
     try:
         submitted = [client.submit(media["video_3s"], media["audio_3s"]) for _ in range(PIPE_JOBS)]
