@@ -9,10 +9,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
 from bench.measure import CpuMeter, CpuRateProbe, RssProbe, Sampler, command_calls, command_delta, percentile
 from bench.stack import BenchStack, Workers
 from lipsync.models import Job, JobStatus, LipsyncInput
 from lipsync.storage import Storage
+from producers.devstack import metrics_port
 
 TERMINAL = ("completed", "failed", "cancelled")
 AT_FAL = ("submitted", "in_queue", "in_progress")
@@ -122,6 +126,7 @@ def run_jobs(
             finished = time.time()
         cpu = meter.stop()
         commands = command_delta(commands_before, command_calls(stack.redis))
+        media_cpu = media_cpu_s(workers)
     finally:
         if attachment is not None and hasattr(attachment, "close"):
             attachment.close()
@@ -146,6 +151,7 @@ def run_jobs(
         submitted=submitted,
         finished=finished,
         cpu=cpu,
+        media_cpu=media_cpu,
         commands=commands,
         sampler=sampler,
         worker_names=list(worker_pids),
@@ -155,6 +161,25 @@ def run_jobs(
             **({"completed_by_webhook": by_webhook} if webhooks else {}),
         },
     )
+
+
+def media_cpu_s(workers: Workers) -> float | None:
+    """CPU seconds the workers spent moving and probing media bytes, from their own
+    `lipsync_media_cpu_seconds` (each thread's clock around a download, an upload, a probe);
+    None if a worker does not answer on /metrics."""
+    total = 0.0
+    for process in workers.processes.values():
+        port = metrics_port(process)
+        if not port:
+            continue  # the gateway: it moves no media
+        try:
+            text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        except httpx.HTTPError:
+            return None
+        for family in text_string_to_metric_families(text):
+            if family.name == "lipsync_media_cpu_seconds":
+                total += sum(sample.value for sample in family.samples if sample.name.endswith("_total"))
+    return total
 
 
 def hold(
@@ -204,6 +229,7 @@ def summarise_run(
     cpu: Mapping[str, float],
     commands: Mapping[str, int],
     sampler: Sampler,
+    media_cpu: float | None = None,
     worker_names: list[str],
     extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
@@ -270,6 +296,15 @@ def summarise_run(
         "worker_cpu_s": worker_cpu,
         "worker_cpu_ms_per_job": 1000 * worker_cpu / n,
         "cpu_ms_per_job": {name: 1000 * seconds / n for name, seconds in cpu.items()},
+        # Moving and probing bytes, and everything else (Celery, Redis, fal's API, the poller).
+        **(
+            {
+                "media_cpu_ms_per_job": 1000 * media_cpu / n,
+                "orchestration_cpu_ms_per_job": 1000 * (worker_cpu - media_cpu) / n,
+            }
+            if media_cpu is not None
+            else {}
+        ),
         "redis_commands_per_job": sum(commands.values()) / n,
         "redis_scripts_per_job": commands.get("evalsha", 0) / n,
         "redis_commands_top": {k: round(v / n, 2) for k, v in sorted(commands.items(), key=lambda kv: -kv[1])[:14]},

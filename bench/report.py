@@ -84,12 +84,15 @@ def targets(results: Mapping[str, Any]) -> list[tuple[str, str, str, str]]:
             f"With webhooks: p95 {fmt(hooked.get('overhead_p95_s'), ' s')}",
             _ratio_text(over, "overhead_p95_s"),
         ))  # fmt: skip
-        cpu = _median(ours.get("worker_cpu_ms_per_job"))
+        cpu = _median(ours.get("orchestration_cpu_ms_per_job"))
         rows.append((
-            "≤ 10 ms worker CPU per job (media bytes aside)",
+            "≤ 10 ms orchestration CPU per job (worker CPU but moving and probing media bytes)",
             verdict(None if cpu is None else cpu <= 10.0),
-            f"{fmt(ours.get('worker_cpu_ms_per_job'), ' ms', 1)} all worker processes, media work included; "
-            f"with webhooks (gateway included) {fmt(hooked.get('worker_cpu_ms_per_job'), ' ms', 1)}",
+            f"{fmt(ours.get('orchestration_cpu_ms_per_job'), ' ms', 1)} of "
+            f"{fmt(ours.get('worker_cpu_ms_per_job'), ' ms', 1)} all worker processes (media work "
+            f"{fmt(ours.get('media_cpu_ms_per_job'), ' ms', 1)}); with webhooks (gateway included) "
+            f"{fmt(hooked.get('orchestration_cpu_ms_per_job'), ' ms', 1)} of "
+            f"{fmt(hooked.get('worker_cpu_ms_per_job'), ' ms', 1)}",
             _ratio_text(over, "worker_cpu_ms_per_job"),
         ))  # fmt: skip
         if "ratios" in over:

@@ -53,7 +53,8 @@ WEBHOOK_ENV = {
 OVERHEAD_KEYS = (
     "makespan_s", "limit_s", "makespan_over_limit", "makespan_over_latency", "bytes_s",
     "overhead_p50_s", "overhead_p95_s", "overhead_p99_s", "worker_cpu_ms_per_job",
-    "redis_commands_per_job", "redis_scripts_per_job", "polls_per_job", "peak_worker_pss_mb", "jobs_per_s",
+    "orchestration_cpu_ms_per_job", "media_cpu_ms_per_job", "redis_commands_per_job", "redis_scripts_per_job",
+    "polls_per_job", "peak_worker_pss_mb", "jobs_per_s",
 )  # fmt: skip
 BASELINE_KEYS = (
     "makespan_s", "overhead_p50_s", "overhead_p95_s", "worker_cpu_ms_per_job", "peak_worker_pss_mb",
@@ -340,7 +341,13 @@ def cleanup_outputs(stack: BenchStack, storage: Any) -> None:
 def _brief(name: str, run: dict[str, Any]) -> str:
     return (
         f"  {name}: {run['completed']}/{run['jobs']} done, makespan {run['makespan_s']:.1f}s, "
-        f"p95 overhead {run['overhead_p95_s']:.2f}s, worker CPU {run['worker_cpu_ms_per_job']:.1f} ms/job, "
+        f"p95 overhead {run['overhead_p95_s']:.2f}s, worker CPU {run['worker_cpu_ms_per_job']:.1f} ms/job"
+        + (
+            f" (orchestration {run['orchestration_cpu_ms_per_job']:.1f})"
+            if run.get("orchestration_cpu_ms_per_job") is not None
+            else ""
+        )
+        + ", "
         f"peak worker PSS {run.get('peak_worker_pss_mb', 0):.0f} MB"
         + (f", errors {run['errors']}" if run.get("errors") else "")
     )

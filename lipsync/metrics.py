@@ -14,6 +14,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -78,11 +79,32 @@ class JobMetrics:
         self.bytes = Counter(
             "lipsync_bytes", "Media bytes moved: 'in' fetched and staged, 'out' stored", ["direction"], **kwargs
         )
+        self.media_cpu = Counter(
+            "lipsync_media_cpu_seconds",
+            "Worker CPU spent moving and probing media bytes (download, upload, probe; the thread's own "
+            "CPU time): the rest of a worker's CPU is orchestration",
+            ["work"],
+            **kwargs,
+        )
 
 
 @cache
 def job_metrics() -> JobMetrics:
     return JobMetrics()
+
+
+@contextmanager
+def media_work(work: str) -> Iterator[None]:
+    """Count the CPU time the calling thread spends in the block as media work of kind `work`.
+
+    The thread's own clock, so the other threads of a threads pool are not counted in. A large
+    upload's parts, which s3transfer sends from threads of its own, are not counted here (they
+    show as orchestration: the figure errs against us)."""
+    started = time.thread_time()
+    try:
+        yield
+    finally:
+        job_metrics().media_cpu.labels(work).inc(time.thread_time() - started)
 
 
 def observe_transition(

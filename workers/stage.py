@@ -11,6 +11,7 @@ from config.settings import Settings
 from lipsync.errors import InvalidInput
 from lipsync.fetcher import GuardedFetcher
 from lipsync.lifecycle import Advance
+from lipsync.metrics import media_work
 from lipsync.models import Job, JobStatus, MediaInfo, estimate_cost_usd, output_duration
 from lipsync.probe import ProbeResult, probe
 from lipsync.storage import Storage, parse_s3_uri
@@ -58,10 +59,12 @@ def stage_input(
         writer = HashingWriter(fileobj, on_write=lease.heartbeat)
         if source.startswith("s3://"):
             bucket, key = parse_s3_uri(source)
-            storage.download_to_file(bucket, key, writer, max_bytes=settings.max_input_bytes)
+            with media_work("download"):
+                storage.download_to_file(bucket, key, writer, max_bytes=settings.max_input_bytes)
             in_place = key if bucket == settings.s3_bucket else None
         elif source.startswith(("https://", "http://")):
-            fetcher.fetch_to_file(source, writer)
+            with media_work("download"):
+                fetcher.fetch_to_file(source, writer)
         else:
             raise InvalidInput(
                 f"{role}_url must be an https:// or s3:// URL (local files and data: URIs are uploaded by the producer)"
@@ -69,16 +72,18 @@ def stage_input(
         fileobj.flush()
         if writer.size == 0:
             raise InvalidInput(f"the {role} input is empty (0 bytes)")
-        found = probe(path, role)
+        with media_work("probe"):
+            found = probe(path, role)
         validate(role, found, settings)
         staging_key = in_place or f"{settings.staging_prefix}/{writer.sha256}"
         if in_place is None and not storage.exists(staging_key):
-            storage.upload_file(
-                path,
-                staging_key,
-                content_type=_CONTENT_TYPES[role],
-                metadata={"sha256": writer.sha256, "role": role},
-            )
+            with media_work("upload"):
+                storage.upload_file(
+                    path,
+                    staging_key,
+                    content_type=_CONTENT_TYPES[role],
+                    metadata={"sha256": writer.sha256, "role": role},
+                )
         return MediaInfo(
             staging_key=staging_key,
             sha256=writer.sha256,

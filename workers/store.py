@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from lipsync.errors import InvalidInput, PermanentError, RetryableError
 from lipsync.lifecycle import Advance
+from lipsync.metrics import media_work
 from lipsync.models import Job, JobOutput, JobStatus
 from lipsync.probe import probe
 from workers.context import Context
@@ -24,7 +25,8 @@ def store(job: Job, ctx: Context, lease: Lease) -> Advance:
     with spool(ctx.settings.work_dir, suffix=".mp4") as (path, fileobj):
         writer = HashingWriter(fileobj, on_write=lease.heartbeat)
         try:
-            ctx.fetcher.fetch_to_file(source, writer)
+            with media_work("download"):
+                ctx.fetcher.fetch_to_file(source, writer)
         except InvalidInput as exc:
             raise PermanentError(
                 f"the output could not be downloaded from fal: {exc.message}", code="output_unavailable"
@@ -38,24 +40,26 @@ def store(job: Job, ctx: Context, lease: Lease) -> Advance:
                 code="output_size_mismatch",
             )
         try:
-            found = probe(path)
+            with media_work("probe"):
+                found = probe(path)
         except InvalidInput as exc:  # fal's output, not the user's input: it is not a video at all
             raise PermanentError(f"fal's output is not a video: {exc.message}", code="bad_output") from None
         if not found.has_video:
             raise PermanentError("fal's output has no video stream", code="bad_output")
         key = output_key(ctx, job.id)
-        ctx.storage.upload_file(
-            path,
-            key,
-            content_type="video/mp4",
-            metadata={
-                "job-id": job.id,
-                "fal-request-id": job.fal.request_id,
-                "video-sha256": job.inputs["video"].sha256,
-                "audio-sha256": job.inputs["audio"].sha256,
-                "output-sha256": writer.sha256,
-            },
-        )
+        with media_work("upload"):
+            ctx.storage.upload_file(
+                path,
+                key,
+                content_type="video/mp4",
+                metadata={
+                    "job-id": job.id,
+                    "fal-request-id": job.fal.request_id,
+                    "video-sha256": job.inputs["video"].sha256,
+                    "audio-sha256": job.inputs["audio"].sha256,
+                    "output-sha256": writer.sha256,
+                },
+            )
     output = JobOutput(
         url=ctx.storage.uri(key),
         content_type="video/mp4",

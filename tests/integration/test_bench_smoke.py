@@ -33,6 +33,10 @@ def test_bench_runner_runs_every_system_and_writes_its_results(tmp_path: Path) -
         for system in ("pipeline", "subscribe_pool", "blocking_celery"):
             assert run[system]["completed"] == run[system]["jobs"] == overhead["jobs"], (system, run[system]["errors"])
         assert run["pipeline"]["worker_cpu_s"] > 0 and run["pipeline"]["redis_commands_per_job"] > 0
+        # The workers' own count of media CPU was read: the worker CPU splits into both parts.
+        media, orchestration = run["pipeline"]["media_cpu_ms_per_job"], run["pipeline"]["orchestration_cpu_ms_per_job"]
+        assert media > 0 and orchestration > 0
+        assert media + orchestration == pytest.approx(run["pipeline"]["worker_cpu_ms_per_job"])
     (size,) = results["scenarios"]["bigmedia"]["sizes"].values()
     assert size["runs"][0]["output_bytes"] > 0 and size["runs"][0]["peak_process_rss_mb"] > 0
     summary = (tmp_path / "smoke.md").read_text()
