@@ -22,10 +22,16 @@ FIGURES = (
     ("peak_worker_pss_mb", "peak worker PSS MB", "{:.0f}", None),
 )
 
+# The worker CPU split in two, where a side measured it (the bench reads it since 2026-11-26).
+_SPLIT = (
+    ("orchestration_cpu_ms_per_job", "orchestration CPU ms / job", "{:.1f}", None),
+    ("media_cpu_ms_per_job", "media CPU ms / job (moving and probing bytes)", "{:.1f}", None),
+)
+
 
 def figures(result: dict[str, Any], system: str) -> dict[str, Any]:
     overhead = result["scenarios"]["overhead"]
-    summary = {name: overhead[system][name] for name, *_ in FIGURES if name in overhead[system]}
+    summary = {name: overhead[system][name] for name, *_ in FIGURES + _SPLIT if name in overhead[system]}
     runs = [run[system] for run in overhead["runs"]]
     processes = sorted({name for run in runs for name in run["cpu_ms_per_job"]})
     summary["cpu_ms_per_job"] = {
@@ -78,7 +84,16 @@ def markdown(table: dict[str, Any], before: dict[str, Any], after: dict[str, Any
         old_cpu, new_cpu = table["before"][system]["cpu_ms_per_job"], table["after"][system]["cpu_ms_per_job"]
         names = sorted(set(old_cpu) | set(new_cpu))
         by_process = ", ".join(f"{n} {old_cpu.get(n, 0):.1f} → {new_cpu.get(n, 0):.1f}" for n in names)
-        lines += ["", f"CPU ms per job by process (median run): {by_process}", ""]
+        lines += ["", f"CPU ms per job by process (median run): {by_process}"]
+        for name, label, fmt, _ in _SPLIT:
+            for side in ("before", "after"):
+                found = table[side][system].get(name)
+                if found and found.get("runs"):
+                    lines.append(
+                        f"- {label}, {side}: {fmt.format(found['median'])} "
+                        f"({fmt.format(found['min'])}–{fmt.format(found['max'])})"
+                    )
+        lines += [""]
     return "\n".join(lines) + "\n"
 
 
