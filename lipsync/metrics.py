@@ -259,16 +259,34 @@ def request_metrics() -> RequestMetrics:
     return RequestMetrics()
 
 
-async def observe_request(request: Any, call_next: Any) -> Any:
-    """Starlette HTTP middleware: `app.middleware("http")(observe_request)`."""
-    started = time.perf_counter()
-    status = 500
-    try:
-        response = await call_next(request)
-        status = response.status_code
-        return response
-    finally:
-        route = getattr(request.scope.get("route"), "path", None) or "unmatched"
-        metrics = request_metrics()
-        metrics.requests.labels(request.method, route, str(status)).inc()
-        metrics.seconds.labels(request.method, route).observe(time.perf_counter() - started)
+class ObserveRequests:
+    """ASGI middleware: each HTTP request counted and timed by its route template.
+
+    Plain ASGI rather than `app.middleware("http")`: Starlette's BaseHTTPMiddleware wraps every
+    response in streams and a task group, ~0.25 ms of CPU a request (measured in-process, 2,000
+    requests), and fal's webhooks and every API call pass through here."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def sending(message: Any) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            # The router has put the matched route in the scope by now (none: a 404 or a 413).
+            route = getattr(scope.get("route"), "path", None) or "unmatched"
+            metrics = request_metrics()
+            metrics.requests.labels(scope["method"], route, str(status)).inc()
+            metrics.seconds.labels(scope["method"], route).observe(time.perf_counter() - started)

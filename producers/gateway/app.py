@@ -43,7 +43,7 @@ from lipsync.fal import FalQueueClient
 from lipsync.falhooks import JwksCache, WebhookRejected
 from lipsync.jobs import celery_sender
 from lipsync.jobstore import JobStore
-from lipsync.metrics import observe_request
+from lipsync.metrics import ObserveRequests
 from lipsync.models import Job, JobStatus, LipsyncInput
 from lipsync.public import PublicJob, public_job, tenant_idempotency_key
 from lipsync.storage import Storage, parse_s3_uri
@@ -193,7 +193,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     limit = (settings or get_settings()).gateway_max_body_bytes
     app.add_middleware(BodySizeLimit, max_bytes=limit)
-    app.middleware("http")(observe_request)  # request counts and latency on /metrics (lipsync.metrics)
+    app.add_middleware(ObserveRequests)  # outermost: request counts and latency on /metrics (lipsync.metrics)
     _install_error_handlers(app)
     _add_job_routes(app)
     _add_batch_routes(app)
