@@ -186,6 +186,16 @@ def _detail(response: httpx.Response) -> str:
     return str(detail)
 
 
+def auth_headers(key: SecretStr) -> dict[str, str]:
+    """fal's API key scheme: `Authorization: Key <key>`."""
+    return {"Authorization": f"Key {key.get_secret_value()}"}
+
+
+def http_timeout(seconds: float) -> httpx.Timeout:
+    """Every call to fal: `seconds` in all, at most 10 s of it to connect."""
+    return httpx.Timeout(seconds, connect=min(10.0, seconds))
+
+
 class FalQueueClient:
     def __init__(
         self,
@@ -206,7 +216,7 @@ class FalQueueClient:
         # second POST cannot create a second request. fal's answer URLs are followed from there on.
         self.fallback_queue_url = fallback_queue_url.rstrip("/")
         self._http = httpx.Client(
-            timeout=httpx.Timeout(timeout_s, connect=min(10.0, timeout_s)),
+            timeout=http_timeout(timeout_s),
             limits=httpx.Limits(max_connections=64, max_keepalive_connections=32),
             transport=transport,
         )
@@ -231,7 +241,7 @@ class FalQueueClient:
         self._http.close()
 
     def _headers(self) -> dict[str, str]:
-        return {"Authorization": f"Key {self._key.get_secret_value()}"}
+        return auth_headers(self._key)
 
     # submit ----------------------------------------------------------------
     def submit(

@@ -41,7 +41,9 @@ from lipsync.fal import (
     FalQueueClient,
     QueueState,
     QueueStatus,
+    auth_headers,
     download_failure,
+    http_timeout,
     read_status,
 )
 from lipsync.jobstore import JobStore, WaitingJob
@@ -75,9 +77,8 @@ class FalHttp:
     The event loop still does the waiting: claiming, concurrency, backoff, hand-offs."""
 
     def __init__(self, settings: Settings) -> None:
-        timeout = httpx.Timeout(settings.http_timeout_s, connect=min(10.0, settings.http_timeout_s))
+        timeout, headers = http_timeout(settings.http_timeout_s), auth_headers(settings.fal_key)
         limits = httpx.Limits(max_connections=CONNECTIONS // POOLS, max_keepalive_connections=CONNECTIONS // POOLS)
-        headers = {"Authorization": f"Key {settings.fal_key.get_secret_value()}"}
         tls = httpx.create_ssl_context()  # one for the pools: each loads the CA bundle (~15 ms of CPU)
         self.clients = [httpx.Client(timeout=timeout, limits=limits, headers=headers, verify=tls) for _ in range(POOLS)]
         self._threads = ThreadPoolExecutor(CONNECTIONS, thread_name_prefix="lipsync-poller-http")

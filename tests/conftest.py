@@ -32,11 +32,15 @@ def s3_server() -> Iterator[object]:
         yield server
 
 
+# The session emulator's fal latency; a test that changes it puts this back.
+EMULATOR_LATENCY = "0.3"
+
+
 @pytest.fixture(scope="session")
 def emulator() -> Iterator[object]:
     from tests.fixtures.emulator import start_emulator
 
-    server = start_emulator("--latency", "0.3", "--concurrency", "8")
+    server = start_emulator("--latency", EMULATOR_LATENCY, "--concurrency", "8")
     try:
         yield server
     finally:

@@ -57,18 +57,18 @@ def stage_input(
     in_place: str | None = None  # the key of an input already in our bucket
     with spool(settings.work_dir) as (path, fileobj):
         writer = HashingWriter(fileobj, on_write=lease.heartbeat)
-        if source.startswith("s3://"):
-            bucket, key = parse_s3_uri(source)
-            with media_work("download"):
+        with media_work("download"):
+            if source.startswith("s3://"):
+                bucket, key = parse_s3_uri(source)
                 storage.download_to_file(bucket, key, writer, max_bytes=settings.max_input_bytes)
-            in_place = key if bucket == settings.s3_bucket else None
-        elif source.startswith(("https://", "http://")):
-            with media_work("download"):
+                in_place = key if bucket == settings.s3_bucket else None
+            elif source.startswith(("https://", "http://")):
                 fetcher.fetch_to_file(source, writer)
-        else:
-            raise InvalidInput(
-                f"{role}_url must be an https:// or s3:// URL (local files and data: URIs are uploaded by the producer)"
-            )
+            else:
+                raise InvalidInput(
+                    f"{role}_url must be an https:// or s3:// URL (local files and data: URIs are uploaded by the "
+                    "producer)"
+                )
         fileobj.flush()
         if writer.size == 0:
             raise InvalidInput(f"the {role} input is empty (0 bytes)")

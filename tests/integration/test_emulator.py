@@ -37,6 +37,7 @@ from lipsync.fal import FalHeaders, FalQueueClient, SubmitOutcomeUnknown
 from lipsync.models import FalPriority, SyncMode, output_duration
 from lipsync.probe import probe
 from producers.devstack import free_port, wait_for_port
+from tests.conftest import EMULATOR_LATENCY
 
 APP = "fal-ai/sync-lipsync/v3"
 KEY = {"Authorization": "Key emulator-test-key"}
@@ -55,7 +56,7 @@ def fal(emulator: EmulatorProcess) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=emulator.url, headers=KEY, timeout=60) as http:
         yield http
     emulator.reset()
-    emulator.configure(latency="0.3", concurrency=8, media_mode="encode", webhook_time_scale=1.0)
+    emulator.configure(latency=EMULATOR_LATENCY, concurrency=8, media_mode="encode", webhook_time_scale=1.0)
 
 
 @pytest.fixture(scope="module")

@@ -33,6 +33,7 @@ import pytest
 import redis
 
 from producers.devstack import DEFAULT_WORKERS, free_port, spawn_worker, stop_process
+from tests.conftest import EMULATOR_LATENCY
 from tests.integration.test_gateway import FalKeys, redis_db, start_gateway
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -206,7 +207,7 @@ def test_a_batch_with_webhooks_and_an_eager_poller_completes_every_job_exactly_o
         submitted = [client.submit(media["video_3s"], media["audio_3s"]) for _ in range(PIPE_JOBS)]
         done = client.wait([job.id for job in submitted], timeout_s=300)
     finally:
-        emulator.configure(media_mode="encode", latency="0.3")
+        emulator.configure(media_mode="encode", latency=EMULATOR_LATENCY)
     assert {job.status for job in done} == {JobStatus.completed}, [job.error for job in done if job.error][:3]
     after = emulator.counters()
     # What fal received, counted by fal: one request per job, whatever header it carried.
